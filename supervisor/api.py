@@ -1,0 +1,193 @@
+"""HTTP surface: routes, status documents, admin actions, and errors that are always OpenAI-style JSON."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from .config import Config
+from .driver import Driver, Rejected
+from .proxy import Proxy, error_response, rejection_response
+from .scheduler import ModelView
+
+log = structlog.get_logger("supervisor.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Api:
+    def __init__(self, config: Config, driver: Driver, proxy: Proxy):
+        self.config = config
+        self.driver = driver
+        self.proxy = proxy
+        self.started = int(time.time())
+        self.admin_token = os.environ.get(config.daemon.admin_token_env, "") if config.daemon.admin_token_env else ""
+
+    def app(self) -> web.Application:
+        limit = int(self.config.daemon.max_body_mb * 1024 * 1024)
+        app = web.Application(client_max_size=limit, middlewares=[self.errors_as_json])
+        p = self.proxy
+        app.add_routes([
+            web.post("/v1/chat/completions", p.openai),
+            web.post("/v1/completions", p.openai),
+            web.post("/v1/embeddings", p.openai),
+            web.get("/v1/models", self.list_models),
+            web.get("/health", self.health),
+            web.get("/health/{model}", self.model_health),
+            web.get("/status", self.status),
+            web.get("/running", self.running),
+            web.get("/logs/{model}", self.logs),
+            web.post("/models/{model}/load", self.admin(self.load)),
+            web.post("/models/{model}/unload", self.admin(self.unload)),
+            web.post("/unload", self.admin(self.unload_all)),
+            web.post("/stop-all", self.admin(self.stop_all)),
+            web.route("*", "/upstream/{model}/{path:.*}", p.upstream),
+        ])  # fmt: skip
+        return app
+
+    # ------------------------------------------------------------ middleware
+
+    @web.middleware
+    async def errors_as_json(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "http_error")
+            message = exc.text or exc.reason
+            if exc.status == 413:
+                message = f"request body is larger than max_body_mb ({self.config.daemon.max_body_mb:g} MB)"
+            elif exc.status == 404:
+                message = f"no such endpoint: {request.method} {request.path}"
+            return error_response(exc.status, code, message)
+        except Rejected as rejected:
+            return rejection_response(rejected)
+        except Exception:
+            # Nothing a client sends may take the daemon down; the traceback goes to the log, not the client.
+            log.exception("handler_failed", path=request.path, method=request.method)
+            return error_response(500, "internal_error", "internal error; see the daemon's log")
+
+    def admin(self, handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            if self.admin_token:
+                given = request.headers.get("Authorization", "")
+                expected = f"Bearer {self.admin_token}"
+                if not hmac.compare_digest(given.encode(), expected.encode()):
+                    return error_response(401, "unauthorized", "this endpoint needs Authorization: Bearer <admin token>")
+            return await handler(request)
+
+        return guarded
+
+    # ------------------------------------------------------------ status
+
+    def _model_or_404(self, request: web.Request) -> str:
+        name = request.match_info["model"]
+        model = self.config.resolve(name)
+        if model is None:
+            raise web.HTTPNotFound(text=f"model {name!r} does not exist")
+        return model
+
+    def _views(self) -> dict[str, ModelView]:
+        return {v.name: v for v in self.driver.core.views(self.driver.now())}
+
+    def _eta_ms(self, view: ModelView) -> int | None:
+        """A rough time until the model could serve: its last load time, less what has already passed."""
+        if view.available_now:
+            return 0
+        state = self.driver.core.models[view.name]
+        expected = state.last_load_s
+        if expected is None:
+            return None
+        if view.state == "loading" and state.load_started is not None:
+            expected = max(0.0, expected - (self.driver.now() - state.load_started))
+        return round(expected * 1000)
+
+    def _model_document(self, view: ModelView) -> dict[str, object]:
+        return {
+            "state": view.state,
+            "group": view.group,
+            "aliases": view.aliases,
+            "pid": view.pid,
+            "port": view.port,
+            "vram_mb": self.config.models[view.name].vram_mb,
+            "in_flight": view.in_flight,
+            "queued": view.queued,
+            "ttl_s": view.ttl_s,
+            "ttl_remaining_s": view.ttl_remaining_s,
+            "last_load_ms": view.last_load_ms,
+            "available_now": view.available_now,
+            "eta_ms": self._eta_ms(view),
+            "route": "local" if view.available_now else "queued",
+            "last_error": view.last_error,
+        }
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def model_health(self, request: web.Request) -> web.Response:
+        model = self._model_or_404(request)
+        view = self._views()[model]
+        body = {"model": model, "state": view.state, "eta_ms": self._eta_ms(view)}
+        if view.available_now:
+            return web.json_response({"status": "ok", **body})
+        message = f"model {model!r} cannot be served locally now (it is {view.state})"
+        return error_response(503, "model_not_ready", message, extra=body)
+
+    async def status(self, request: web.Request) -> web.Response:
+        views = self._views()
+        return web.json_response({
+            "gaming_mode": False,
+            "memory": {},
+            "models": {name: self._model_document(view) for name, view in views.items()},
+            "leases": [],
+        })  # fmt: skip
+
+    async def running(self, request: web.Request) -> web.Response:
+        """llama-swap's /running: the models that hold a process."""
+        running = [
+            {"model": v.name, "state": v.state, "pid": v.pid, "port": v.port, "ttl": v.ttl_s}
+            for v in self._views().values()
+            if v.state in ("loading", "ready", "unloading")
+        ]
+        return web.json_response({"running": running})
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        data = []
+        for view in self._views().values():
+            entry = {"id": view.name, "object": "model", "created": self.started, "owned_by": "model-supervisor",
+                     "aliases": view.aliases, "status": {"value": view.state}}  # fmt: skip
+            data.append(entry)
+            for alias in view.aliases:
+                data.append({**entry, "id": alias, "alias_of": view.name, "aliases": []})
+        return web.json_response({"object": "list", "data": data})
+
+    async def logs(self, request: web.Request) -> web.Response:
+        model = self._model_or_404(request)
+        return web.Response(text="\n".join(self.driver.logs[model].lines()) + "\n", content_type="text/plain")
+
+    # ------------------------------------------------------------ admin
+
+    async def load(self, request: web.Request) -> web.Response:
+        model = self._model_or_404(request)
+        await self.driver.load(model)
+        view = self._views()[model]
+        return web.json_response({"model": model, "state": view.state, "load_ms": view.last_load_ms})
+
+    async def unload(self, request: web.Request) -> web.Response:
+        model = self._model_or_404(request)
+        await self.driver.unload(model)
+        return web.json_response({"model": model, "state": self._views()[model].state})
+
+    async def unload_all(self, request: web.Request) -> web.Response:
+        await self.driver.unload(None)
+        return web.json_response({"unloaded": sorted(self.config.models)})
+
+    async def stop_all(self, request: web.Request) -> web.Response:
+        await self.driver.stop_all("stop-all was requested by an administrator")
+        return web.json_response({"unloaded": sorted(self.config.models)})

@@ -1,0 +1,338 @@
+"""models.toml: the operator's description of the host, validated with pydantic.
+
+Every key is checked (unknown keys are errors) and every error names its key, so an operator can fix a config
+without reading code. Environment variables ``MODEL_SUPERVISOR_<SECTION>__<KEY>`` override the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV = "MODEL_SUPERVISOR_CONFIG"
+LLAMA_SERVER_ENV = "LLAMA_SERVER"
+DEFAULT_GROUP = "default"
+
+# Flags the daemon sets itself on every child; an operator who sets them would fight the daemon.
+RESERVED_ARGS = {"--host", "--port", "-m", "--model", "--alias", "-a"}
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. ``problems`` holds one line per bad key, each starting with the key."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(where + "invalid config\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+NonNegativeSeconds = Annotated[float, Field(ge=0)]
+
+
+class DaemonConfig(Section):
+    listen: str = "127.0.0.1:8080"
+    llama_server: str = "llama-server"
+    state_dir: Path = Path("/var/lib/model-supervisor")
+    port_range: tuple[Annotated[int, Field(ge=1, le=65535)], Annotated[int, Field(ge=1, le=65535)]] = (5800, 5899)
+    health_timeout_s: PositiveSeconds = 120
+    queue_timeout_s: PositiveSeconds = 30
+    # How long an unload waits for in-flight requests, and how long a child gets between SIGTERM and SIGKILL.
+    drain_timeout_s: PositiveSeconds = 30
+    stop_timeout_s: PositiveSeconds = 10
+    admin_token_env: str = "MODEL_SUPERVISOR_ADMIN_TOKEN"
+    api_key_env: str = ""
+    max_body_mb: Annotated[float, Field(gt=0)] = 32
+    notify_url: str = ""
+    log_lines: Annotated[int, Field(ge=10, le=100_000)] = 1000
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_host_port(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @field_validator("port_range")
+    @classmethod
+    def _range_ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] > value[1]:
+            raise ValueError(f"first port {value[0]} is above last port {value[1]}")
+        return value
+
+    @property
+    def host(self) -> str:
+        return parse_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_listen(self.listen)[1]
+
+
+class SchedulerConfig(Section):
+    batching: bool = True
+    max_batch_wait_s: NonNegativeSeconds = 30
+    min_residency_s: NonNegativeSeconds = 0
+
+
+class GpuConfig(Section):
+    backend: Literal["auto", "nvidia", "amd", "none"] = "auto"
+    device: Annotated[int, Field(ge=0)] = 0
+    reserve_mb: Annotated[int, Field(ge=0)] = 1024
+
+
+class GroupConfig(Section):
+    swap: bool = True
+    exclusive: bool = True
+    persistent: bool = False
+
+
+class ModelConfig(Section):
+    model: Path
+    aliases: list[str] = []
+    args: list[str] = []
+    group: str = DEFAULT_GROUP
+    ttl_s: NonNegativeSeconds = 0
+    priority: int = 0
+    vram_mb: Literal["auto"] | int = "auto"
+    fallback: str | None = None
+    fallback_after_ms: Annotated[int, Field(ge=0)] = 2000
+    local_only: bool = False
+    allow_in_gaming: bool = False
+
+    @field_validator("vram_mb", mode="before")
+    @classmethod
+    def _auto_or_megabytes(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise ValueError('must be "auto" or a whole number of MB >= 0')
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_are_names(cls, value: list[str]) -> list[str]:
+        for alias in value:
+            check_name(alias)
+        return value
+
+    @field_validator("args")
+    @classmethod
+    def _no_reserved_args(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            flag = arg.split("=", 1)[0]
+            if flag in RESERVED_ARGS:
+                raise ValueError(f"{flag} is set by the daemon for every child; remove it")
+        return value
+
+
+class CloudConfig(Section):
+    base_url: str
+    model: str
+    api_key_env: str = ""
+    input_usd_per_mtok: Annotated[float, Field(ge=0)] = 0
+    output_usd_per_mtok: Annotated[float, Field(ge=0)] = 0
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class GamingConfig(Section):
+    auto_detect: list[str] = []
+
+
+class Config(BaseSettings):
+    """The whole models.toml. Built with :func:`load_config`, which also applies env overrides."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix="MODEL_SUPERVISOR_",
+        env_nested_delimiter="__",
+        nested_model_default_partial_update=True,
+    )
+
+    daemon: DaemonConfig = DaemonConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    gpu: GpuConfig = GpuConfig()
+    groups: dict[str, GroupConfig] = {}
+    models: dict[str, ModelConfig] = {}
+    cloud: dict[str, CloudConfig] = {}
+    gaming: GamingConfig = GamingConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file arrives as init values; the environment wins over it.
+        return (env_settings, init_settings)
+
+    @field_validator("models", "groups", "cloud")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            check_name(name)
+        return value
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Config:
+        problems: list[str] = []
+        seen: dict[str, str] = {name: f"models.{name}" for name in self.models}
+        for name, model in self.models.items():
+            if model.group not in self.groups and model.group != DEFAULT_GROUP:
+                problems.append(f"models.{name}.group: no [groups.{model.group}] section")
+            if model.fallback is not None and model.fallback not in self.cloud:
+                problems.append(f"models.{name}.fallback: no [cloud.{model.fallback}] section")
+            for alias in model.aliases:
+                if alias in seen:
+                    problems.append(f"models.{name}.aliases: {alias!r} is already used by {seen[alias]}")
+                seen[alias] = f"models.{name}.aliases"
+        if problems:
+            # Raised as ValueError so pydantic reports it with the others; the key is inside the message.
+            raise ValueError("; ".join(problems))
+        return self
+
+    def group_of(self, model: str) -> GroupConfig:
+        group = self.models[model].group
+        return self.groups.get(group, GroupConfig())
+
+    def resolve(self, name: str) -> str | None:
+        """The model a name or alias refers to, or None."""
+        if name in self.models:
+            return name
+        for model_name, model in self.models.items():
+            if name in model.aliases:
+                return model_name
+        return None
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise ValueError(f"{name!r} is not a valid name (letters, digits, '.', '_', ':', '-'; no '/' or spaces)")
+    return name
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """'127.0.0.1:8080' or '[::1]:8080' into (host, port)."""
+    match = re.match(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)$", value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not HOST:PORT (use [addr]:port for IPv6)")
+    port = int(match["port"])
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range")
+    return (match["v6"] or match["host"]), port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _format_error(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "value_error" and not error["loc"]:
+        # Cross-reference problems carry their own keys.
+        return message.replace("; ", "\n  ")
+    shown = error.get("input")
+    if isinstance(shown, (str, int, float, bool)):
+        return f"{key}: {message} (got {shown!r})"
+    return f"{key}: {message}"
+
+
+def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
+    """Validate a decoded models.toml (env overrides applied). Raises ConfigError naming every bad key."""
+    try:
+        return Config(**data)
+    except ValidationError as exc:
+        problems: list[str] = []
+        for error in exc.errors(include_url=False):
+            # Union types report each alternative; one line per key is enough for a person.
+            line = _format_error(error)
+            if not any(p.split(":", 1)[0] == line.split(":", 1)[0] for p in problems):
+                problems.append(line)
+        raise ConfigError(problems, source) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate a models.toml. Raises ConfigError (with the file named) on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read the config: {exc.strerror or exc}"], str(path)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(path)) from None
+    config = parse_config(data, str(path))
+    return _relative_to(config, path.parent)
+
+
+def _relative_to(config: Config, base: Path) -> Config:
+    """Model paths and state_dir in a config file are relative to that file, not to wherever the daemon starts."""
+    models = {
+        name: model.model_copy(update={"model": _anchor(model.model, base)}) for name, model in config.models.items()
+    }
+    daemon = config.daemon.model_copy(update={"state_dir": _anchor(config.daemon.state_dir, base)})
+    return config.model_copy(update={"models": models, "daemon": daemon})
+
+
+def _anchor(path: Path, base: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def find_llama_server(config: Config) -> str:
+    """The llama-server binary: env LLAMA_SERVER, else [daemon] llama_server (a path or a name on PATH)."""
+    candidate = os.environ.get(LLAMA_SERVER_ENV) or config.daemon.llama_server
+    origin = LLAMA_SERVER_ENV if os.environ.get(LLAMA_SERVER_ENV) else "daemon.llama_server"
+    resolved = shutil.which(os.path.expanduser(candidate))
+    if resolved is None:
+        raise ConfigError(
+            [
+                f"{origin}: llama-server not found at {candidate!r} (not an executable file, nor on PATH). "
+                "Point [daemon] llama_server or LLAMA_SERVER at a binary, or build one with "
+                "scripts/build-llama-server.sh"
+            ]
+        )
+    return resolved
+
+
+def preflight(config: Config) -> list[str]:
+    """Problems that a valid config can still have on this host: missing model files."""
+    return [
+        f"models.{name}.model: file not found: {model.model}"
+        for name, model in config.models.items()
+        if not model.model.is_file()
+    ]

@@ -1,0 +1,97 @@
+"""Wiring: build everything from the config, serve it, shut it down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from .api import Api
+from .config import Config, ConfigError, is_loopback
+from .driver import Driver
+from .proxy import Proxy
+
+log = structlog.get_logger("supervisor")
+
+
+def check_exposure(config: Config) -> None:
+    """Refuse to listen beyond loopback unless admin endpoints are protected by a token."""
+    host = config.daemon.host
+    token_env = config.daemon.admin_token_env
+    if not is_loopback(host) and not (token_env and os.environ.get(token_env)):
+        raise ConfigError([
+            f"daemon.listen: {config.daemon.listen} is not a loopback address; set an admin token in "
+            f"${token_env or 'MODEL_SUPERVISOR_ADMIN_TOKEN'} (daemon.admin_token_env) before exposing the daemon"
+        ])  # fmt: skip
+
+
+class Daemon:
+    """One running model-supervisor: the HTTP server, the scheduler's owner and its children."""
+
+    def __init__(self, config: Config, binary: str, port: int | None = None):
+        self.config = config
+        self.binary = binary
+        self.port = config.daemon.port if port is None else port
+        self.driver: Driver | None = None
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.config.daemon.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    async def start(self) -> None:
+        check_exposure(self.config)
+        # One pool for health checks and proxying: upstream connections are reused across requests.
+        self._http = aiohttp.ClientSession(
+            auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        self.driver = Driver(self.config, self.binary, self._http)
+        api = Api(self.config, self.driver, Proxy(self.config, self.driver, self._http))
+        # handler_cancellation: a client that disconnects cancels its handler, which cancels the upstream call.
+        self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.daemon.host, self.port, reuse_address=True)
+        await site.start()
+        if self.port == 0:  # tests ask for any free port
+            self.port = self._runner.addresses[0][1]
+        log.info("daemon_started", url=self.url, models=sorted(self.config.models), llama_server=self.binary)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), answer queued ones with 503, stop children."""
+        log.info("daemon_stopping")
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()  # no new connections; open ones keep being served while they drain
+        if self.driver is not None:
+            await self.driver.close(drain_s=self.config.daemon.drain_timeout_s)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._http is not None:
+            await self._http.close()
+        log.info("daemon_stopped")
+
+
+async def serve(config: Config, binary: str) -> int:
+    """Run until SIGTERM or SIGINT; returns the exit code."""
+    daemon = Daemon(config, binary)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await daemon.start()
+    except OSError as exc:
+        log.error("cannot_listen", listen=config.daemon.listen, error=str(exc))
+        await daemon.stop()
+        return 1
+    await stop.wait()
+    await daemon.stop()
+    return 0

@@ -1,0 +1,285 @@
+"""The owner of all model state: feeds the pure core events and carries out the actions it returns.
+
+Every state change goes through ``dispatch``, which is synchronous: it applies one event to the core and starts
+the effects the core asked for, without awaiting anything in between. On one asyncio loop that makes each
+dispatch atomic, so a TTL expiry and an arriving request can never interleave (no locks to forget or deadlock
+on). Effects run as tasks and report back through ``dispatch``. A single timer, re-armed after each dispatch,
+wakes the core at its next deadline: nothing polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import structlog
+
+from .config import Config
+from .process import LlamaServer, LoadError, LogRing, PortPool
+from .scheduler import (
+    RESIDENT,
+    DropWaiters,
+    Event,
+    Grant,
+    LoadFailed,
+    LoadSucceeded,
+    ProcessExited,
+    Reject,
+    RequestArrived,
+    RequestCancelled,
+    RequestFinished,
+    SchedulerCore,
+    StartProcess,
+    StopCompleted,
+    StopProcess,
+    Tick,
+    UnloadRequested,
+)
+
+log = structlog.get_logger("supervisor")
+
+Observer = Callable[[str, dict[str, Any]], None]
+
+
+class Rejected(Exception):
+    """A request the scheduler would not serve: carries the HTTP answer."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after_s = status, code, message, retry_after_s
+
+
+@dataclass(frozen=True)
+class Ticket:
+    request_id: int
+    model: str
+    port: int
+
+
+class Driver:
+    def __init__(self, config: Config, binary: str, http: aiohttp.ClientSession, child_env: dict[str, str] | None = None):
+        self.config = config
+        self.binary = binary
+        self.http = http
+        self.child_env = child_env
+        self.core = SchedulerCore(config)
+        self.ports = PortPool(*config.daemon.port_range)
+        self.logs = {name: LogRing(config.daemon.log_lines) for name in config.models}
+        self.children: dict[str, LlamaServer] = {}
+        self.observers: list[Observer] = []
+        self._pending: dict[int, asyncio.Future[Ticket]] = {}
+        self._loading: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+        self._timer: asyncio.TimerHandle | None = None
+        self._changed = asyncio.Event()
+        self.closing = False
+        self._loop = asyncio.get_running_loop()
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    # ------------------------------------------------------------ requests
+
+    async def acquire(self, model: str, kind: str = "request", wait_s: float | None = None) -> Ticket:
+        """Wait until the model may be sent a request. Raises Rejected. Cancelling gives up the place."""
+        if self.closing:
+            raise Rejected(503, "shutting_down", "the daemon is shutting down", retry_after_s=5)
+        request_id = next(self._ids)
+        future: asyncio.Future[Ticket] = self._loop.create_future()
+        self._pending[request_id] = future
+        now = self.now()
+        deadline = now + (self.config.daemon.queue_timeout_s if wait_s is None else wait_s)
+        self.dispatch(RequestArrived(request_id, model, now, deadline, kind))  # type: ignore[arg-type]
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result())  # granted in the same instant the client left
+            else:
+                self.dispatch(RequestCancelled(request_id, self.now()))
+            raise
+        finally:
+            self._pending.pop(request_id, None)
+
+    def release(self, ticket: Ticket) -> None:
+        self.dispatch(RequestFinished(ticket.request_id, self.now()))
+
+    async def load(self, model: str) -> None:
+        """Load a model and return once it is ready (explicit load: waits for the load itself too)."""
+        wait_s = self.config.daemon.queue_timeout_s + self.config.daemon.health_timeout_s
+        ticket = await self.acquire(model, kind="load", wait_s=wait_s)
+        self.release(ticket)
+
+    async def unload(self, model: str | None) -> None:
+        """Unload one model or all: in-flight requests get drain_timeout_s to finish, then the child is stopped."""
+        self.dispatch(UnloadRequested(model, self.now()))
+        names = list(self.core.models) if model is None else [model]
+        try:
+            await asyncio.wait_for(self.wait_until(lambda: not self._resident(names)), self.config.daemon.drain_timeout_s)
+        except TimeoutError:
+            self.dispatch(UnloadRequested(model, self.now(), force=True))
+            await self.wait_until(lambda: not self._resident(names))
+
+    async def stop_all(self, reason: str) -> None:
+        self.dispatch(DropWaiters(reason, self.now()))
+        await self.unload(None)
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until predicate() holds; it is checked after every state change, never by polling."""
+        while not predicate():
+            await self._changed.wait()
+
+    def _resident(self, names: list[str]) -> list[str]:
+        return [n for n in names if self.core.models[n].phase in RESIDENT]
+
+    # ------------------------------------------------------------ the one place state changes
+
+    def dispatch(self, event: Event) -> None:
+        actions = self.core.handle(event)
+        for action in actions:
+            self._carry_out(action)
+        self._arm_timer()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _carry_out(self, action: Any) -> None:
+        match action:
+            case Grant():
+                future = self._pending.get(action.request_id)
+                if future is not None and not future.done():
+                    future.set_result(Ticket(action.request_id, action.model, action.port))
+                else:  # its client left in the same instant: give the slot straight back
+                    self._loop.call_soon(self.dispatch, RequestFinished(action.request_id, self.now()))
+            case Reject():
+                future = self._pending.get(action.request_id)
+                if future is not None and not future.done():
+                    future.set_exception(Rejected(action.status, action.code, action.message, action.retry_after_s))
+                log.info("request_rejected", model=action.model, code=action.code, reason=action.message)
+                self._notify("rejected", {"model": action.model, "code": action.code})
+            case StartProcess():
+                self._loading[action.model] = self._spawn_task(self._run_child(action))
+            case StopProcess():
+                loading = self._loading.pop(action.model, None)
+                if loading is not None:
+                    loading.cancel()  # its cleanup stops the child and reports StopCompleted
+                else:
+                    self._spawn_task(self._stop_child(action))
+
+    def _arm_timer(self) -> None:
+        wakeup = self.core.next_wakeup()
+        if self._timer is not None:
+            if wakeup is not None and self._timer.when() == wakeup:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if wakeup is not None:
+            self._timer = self._loop.call_at(wakeup, self._on_timer, wakeup)
+
+    def _on_timer(self, wakeup: float) -> None:
+        self._timer = None
+        self.dispatch(Tick(max(self.now(), wakeup)))
+
+    # ------------------------------------------------------------ effects
+
+    async def _run_child(self, action: StartProcess) -> None:
+        name = action.model
+        model = self.config.models[name]
+        server = LlamaServer(name, self.binary, model.model, list(model.args), self.logs[name], self.http, self.child_env)
+        self.children[name] = server
+        started = self.now()
+        log.info("model_loading", model=name, displaced=list(action.displaced))
+        try:
+            await server.start(self.ports, self.config.daemon.health_timeout_s)
+        except asyncio.CancelledError:
+            # Asked to stop while loading.
+            await asyncio.shield(self._stop_and_report(server, action.instance, "swap"))
+            return
+        except LoadError as exc:
+            self._loading.pop(name, None)
+            log.error("model_load_failed", model=name, error=str(exc).splitlines()[0], after_ms=self._ms(started))
+            self._notify("load_failed", {"model": name, "error": str(exc)})
+            self.dispatch(LoadFailed(name, action.instance, str(exc), self.now()))
+            return
+        self._loading.pop(name, None)
+        load_s = self.now() - started
+        log.info("model_ready", model=name, pid=server.pid, port=server.port, load_ms=round(load_s * 1000))
+        if action.displaced:
+            log.info("swap", to=name, displaced=list(action.displaced), load_ms=round(load_s * 1000))
+        self._notify("spawned", {"model": name, "pid": server.pid, "port": server.port})
+        self.dispatch(LoadSucceeded(name, action.instance, server.port, server.pid, load_s, self.now()))  # type: ignore[arg-type]
+        code = await server.wait()
+        if not server.stopping:
+            self.ports.release(server.port)
+            detail = f"llama-server exited unexpectedly (code {code}); last output:\n{server.log.tail()}"
+            log.error("model_crashed", model=name, code=code)
+            self._notify("exited", {"model": name, "code": code})
+            self.dispatch(ProcessExited(name, action.instance, detail, self.now()))
+
+    async def _stop_child(self, action: StopProcess) -> None:
+        server = self.children.get(action.model)
+        if server is None:
+            self.dispatch(StopCompleted(action.model, action.instance, self.now()))
+            return
+        await self._stop_and_report(server, action.instance, action.cause)
+
+    async def _stop_and_report(self, server: LlamaServer, instance: int, cause: str) -> None:
+        started = self.now()
+        await server.stop(self.config.daemon.stop_timeout_s)
+        self.ports.release(server.port)
+        if self.children.get(server.name) is server:
+            del self.children[server.name]
+        log.info("model_unloaded", model=server.name, cause=cause, stop_ms=self._ms(started))
+        self._notify("stopped", {"model": server.name, "cause": cause, "pid": server.pid})
+        self.dispatch(StopCompleted(server.name, instance, self.now()))
+
+    def _spawn_task(self, coroutine: Any) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("effect_failed", error=repr(task.exception()))
+
+    # ------------------------------------------------------------ shutdown
+
+    async def close(self, drain_s: float) -> None:
+        """Queued requests get 503, in-flight ones get drain_s to finish, then every child is stopped."""
+        self.closing = True
+        self.dispatch(DropWaiters("the daemon is shutting down", self.now()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wait_until(lambda: not any(s.in_flight for s in self.core.models.values())),
+                                   drain_s)
+        self.dispatch(UnloadRequested(None, self.now(), force=True, cause="shutdown"))
+        everything = list(self.core.models)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wait_until(lambda: not self._resident(everything)),
+                                   self.config.daemon.stop_timeout_s + 5)
+        # Whatever is still alive now (a stop that hung) is killed outright.
+        for server in list(self.children.values()):
+            await server.stop(grace_s=0)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    # ------------------------------------------------------------ observers
+
+    def _notify(self, kind: str, fields: dict[str, Any]) -> None:
+        for observer in list(self.observers):
+            try:
+                observer(kind, fields)
+            except Exception:  # an observer must never break the owner of state
+                log.exception("observer_failed", kind=kind)
+
+    def _ms(self, since: float) -> int:
+        return round((self.now() - since) * 1000)

@@ -1,0 +1,324 @@
+"""The pure scheduler core: events in, actions out. No processes, no sockets, no sleeps; time is a number."""
+
+from __future__ import annotations
+
+import pytest
+
+from supervisor.config import parse_config
+from supervisor.scheduler import (
+    DropWaiters,
+    Grant,
+    LoadFailed,
+    LoadSucceeded,
+    Phase,
+    ProcessExited,
+    Reject,
+    RequestArrived,
+    RequestCancelled,
+    RequestFinished,
+    SchedulerCore,
+    StartProcess,
+    StopCompleted,
+    StopProcess,
+    Tick,
+    UnloadRequested,
+    restart_delay,
+)
+
+
+class Sim:
+    """Drives a SchedulerCore the way the driver would, with a hand-moved clock."""
+
+    def __init__(self, models: dict, groups: dict | None = None, queue_timeout_s: float = 30):
+        config = parse_config(
+            {
+                "daemon": {"queue_timeout_s": queue_timeout_s},
+                "groups": groups or {},
+                "models": {name: {"model": f"/m/{name}.gguf", **spec} for name, spec in models.items()},
+            }
+        )
+        self.core = SchedulerCore(config)
+        self.now = 0.0
+        self.next_id = 0
+        self.log: list = []
+
+    def send(self, event) -> list:
+        actions = self.core.handle(event)
+        self.log += actions
+        return actions
+
+    def request(self, model: str) -> tuple[int, list]:
+        self.next_id += 1
+        deadline = self.now + self.core.queue_timeout_s
+        return self.next_id, self.send(RequestArrived(self.next_id, model, self.now, deadline))
+
+    def loaded(self, model: str, port: int = 6000) -> list:
+        instance = self.core.models[model].instance
+        return self.send(LoadSucceeded(model, instance, port, 4242, 0.05, self.now))
+
+    def stopped(self, model: str) -> list:
+        return self.send(StopCompleted(model, self.core.models[model].instance, self.now))
+
+    def finish(self, request_id: int) -> list:
+        return self.send(RequestFinished(request_id, self.now))
+
+    def advance(self, seconds: float) -> list:
+        self.now += seconds
+        return self.send(Tick(self.now))
+
+    def phase(self, model: str) -> Phase:
+        return self.core.models[model].phase
+
+
+def kinds(actions: list) -> list[tuple]:
+    out = []
+    for a in actions:
+        if isinstance(a, StartProcess):
+            out.append(("start", a.model))
+        elif isinstance(a, StopProcess):
+            out.append(("stop", a.model, a.cause))
+        elif isinstance(a, Grant):
+            out.append(("grant", a.request_id, a.model))
+        elif isinstance(a, Reject):
+            out.append(("reject", a.request_id, a.code))
+    return out
+
+
+SWAP_PAIR = {"a": {"group": "main"}, "b": {"group": "main"}}
+MAIN_SWAP = {"main": {"swap": True, "exclusive": True}}
+
+
+def test_cold_request_starts_the_model_once_and_concurrent_requests_join_the_load():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP)
+    first, actions = sim.request("a")
+    assert kinds(actions) == [("start", "a")]
+    second, actions = sim.request("a")
+    assert actions == []  # joins the load in progress
+    assert kinds(sim.loaded("a")) == [("grant", first, "a"), ("grant", second, "a")]
+
+
+def test_swap_in_one_group_stops_the_idle_model_first():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP)
+    ra, _ = sim.request("a")
+    sim.loaded("a")
+    sim.finish(ra)
+    rb, actions = sim.request("b")
+    assert kinds(actions) == [("stop", "a", "swap")]
+    assert sim.phase("b") is Phase.UNLOADED  # not started while a is still resident
+    start = sim.stopped("a")
+    assert kinds(start) == [("start", "b")]
+    assert start[0].displaced == ("a",)
+    assert kinds(sim.loaded("b")) == [("grant", rb, "b")]
+
+
+def test_a_model_with_requests_in_flight_drains_before_a_swap_and_takes_no_new_requests():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP)
+    ra, _ = sim.request("a")
+    sim.loaded("a")
+    rb, actions = sim.request("b")
+    assert actions == []  # a is busy: nothing is stopped
+    ra2, actions = sim.request("a")
+    assert actions == []  # a is draining for b: the new request waits its turn
+    assert not sim.core.available_now("a")
+    assert kinds(sim.finish(ra)) == [("stop", "a", "swap")]
+    assert kinds(sim.stopped("a")) == [("start", "b")]
+    assert kinds(sim.loaded("b")) == [("grant", rb, "b")]
+    assert kinds(sim.finish(rb)) == [("stop", "b", "swap")]
+    sim.stopped("b")
+    assert kinds(sim.loaded("a")) == [("grant", ra2, "a")]
+
+
+def test_models_of_different_non_exclusive_groups_stay_loaded_together():
+    groups = {"chat": {"swap": True, "exclusive": False}, "embed": {"swap": True, "exclusive": False}}
+    sim = Sim({"a": {"group": "chat"}, "e": {"group": "embed"}}, groups)
+    ra, _ = sim.request("a")
+    sim.loaded("a")
+    sim.finish(ra)
+    re_, actions = sim.request("e")
+    assert kinds(actions) == [("start", "e")]
+    assert kinds(sim.loaded("e", port=6001)) == [("grant", re_, "e")]
+    assert sim.phase("a") is Phase.READY
+
+
+def test_exclusive_group_displaces_other_groups_but_never_a_persistent_one():
+    groups = {
+        "big": {"swap": True, "exclusive": True},
+        "small": {"swap": True, "exclusive": False},
+        "always": {"swap": True, "exclusive": False, "persistent": True},
+    }
+    sim = Sim({"heavy": {"group": "big"}, "task": {"group": "small"}, "embed": {"group": "always"}}, groups)
+    for model in ("task", "embed"):
+        rid, _ = sim.request(model)
+        sim.loaded(model)
+        sim.finish(rid)
+    rh, actions = sim.request("heavy")
+    assert kinds(actions) == [("stop", "task", "swap")]
+    assert kinds(sim.stopped("task")) == [("start", "heavy")]
+    sim.loaded("heavy")
+    assert sim.phase("embed") is Phase.READY
+
+
+def test_loading_a_non_exclusive_model_leaves_an_exclusive_one_alone():
+    groups = {"big": {"swap": True, "exclusive": True}, "small": {"swap": True, "exclusive": False}}
+    sim = Sim({"heavy": {"group": "big"}, "task": {"group": "small"}}, groups)
+    rh, _ = sim.request("heavy")
+    sim.loaded("heavy")
+    rt, actions = sim.request("task")
+    assert kinds(actions) == [("start", "task")]
+    # heavy keeps serving while task is there: its own load already happened.
+    rh2, actions = sim.request("heavy")
+    assert kinds(actions) == [("grant", rh2, "heavy")]
+
+
+def test_swap_false_lets_group_members_run_together():
+    sim = Sim(SWAP_PAIR, {"main": {"swap": False, "exclusive": False}})
+    ra, _ = sim.request("a")
+    sim.loaded("a")
+    rb, actions = sim.request("b")
+    assert kinds(actions) == [("start", "b")]
+
+
+def test_higher_priority_waiter_is_served_first():
+    sim = Sim({"a": {"group": "main"}, "b": {"group": "main", "priority": 5}, "c": {"group": "main"}}, MAIN_SWAP)
+    ra, _ = sim.request("a")
+    sim.loaded("a")
+    rc, _ = sim.request("c")
+    rb, _ = sim.request("b")  # later but more important
+    assert kinds(sim.finish(ra)) == [("stop", "a", "swap")]
+    assert kinds(sim.stopped("a")) == [("start", "b")]
+    assert kinds(sim.loaded("b")) == [("grant", rb, "b")]
+
+
+def test_queue_timeout_rejects_with_503_and_a_short_retry_after():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP, queue_timeout_s=2)
+    ra, _ = sim.request("a")
+    sim.loaded("a")
+    rb, _ = sim.request("b")
+    assert sim.core.next_wakeup() == pytest.approx(2.0)
+    assert sim.advance(1.9) == []
+    (reject,) = sim.advance(0.1)
+    assert isinstance(reject, Reject)
+    assert (reject.request_id, reject.status, reject.code) == (rb, 503, "queue_timeout")
+    assert 1 <= reject.retry_after_s <= 10
+    assert "'b'" in reject.message
+    assert sim.core.waiters == {}
+
+
+def test_ttl_counts_from_the_last_finished_request():
+    sim = Sim({"a": {"ttl_s": 10}})
+    ra, _ = sim.request("a")
+    sim.loaded("a")
+    sim.advance(50)  # in flight: never expires
+    assert sim.phase("a") is Phase.READY
+    sim.finish(ra)
+    assert sim.core.next_wakeup() == pytest.approx(60)
+    assert sim.advance(9.9) == []
+    assert kinds(sim.advance(0.1)) == [("stop", "a", "ttl")]
+
+
+def test_ttl_zero_never_unloads():
+    sim = Sim({"a": {"ttl_s": 0}})
+    ra, _ = sim.request("a")
+    sim.loaded("a")
+    sim.finish(ra)
+    assert sim.core.next_wakeup() is None
+    assert sim.advance(1e9) == []
+    assert sim.phase("a") is Phase.READY
+
+
+def test_failed_load_answers_every_waiter_at_once_with_the_cause():
+    sim = Sim({"a": {}})
+    r1, _ = sim.request("a")
+    r2, _ = sim.request("a")
+    actions = sim.send(LoadFailed("a", 1, "llama-server exited with code 1: error: invalid argument: --bogus", 0.0))
+    assert kinds(actions) == [("reject", r1, "model_load_failed"), ("reject", r2, "model_load_failed")]
+    assert "'a'" in actions[0].message and "--bogus" in actions[0].message
+    assert sim.phase("a") is Phase.FAILED
+
+
+def test_failed_model_restarts_on_the_next_request_after_backoff():
+    sim = Sim({"a": {}}, queue_timeout_s=30)
+    sim.request("a")
+    sim.send(LoadFailed("a", 1, "boom", sim.now))
+    r, actions = sim.request("a")
+    assert actions == []  # waits for the backoff, which ends before its deadline
+    assert sim.core.next_wakeup() == pytest.approx(restart_delay(1))
+    assert kinds(sim.advance(restart_delay(1))) == [("start", "a")]
+    assert kinds(sim.loaded("a")) == [("grant", r, "a")]
+    assert sim.core.models["a"].failures == 0
+
+
+def test_request_that_would_time_out_during_backoff_is_told_at_once():
+    sim = Sim({"a": {}}, queue_timeout_s=0.1)
+    for failures in range(3):
+        sim.request("a")
+        sim.advance(restart_delay(failures))
+        sim.send(LoadFailed("a", sim.core.models["a"].instance, "boom", sim.now))
+    r, actions = sim.request("a")
+    assert kinds(actions) == [("reject", r, "model_failed")]
+    assert "boom" in actions[0].message
+
+
+def test_crash_of_a_ready_model_marks_it_failed_and_the_next_request_restarts_it():
+    sim = Sim({"a": {}})
+    r, _ = sim.request("a")
+    sim.loaded("a")
+    sim.finish(r)
+    assert sim.send(ProcessExited("a", 1, "killed by SIGKILL", sim.now)) == []
+    assert sim.phase("a") is Phase.FAILED
+    sim.now += restart_delay(1)
+    r2, actions = sim.request("a")
+    assert kinds(actions) == [("start", "a")]
+
+
+def test_stale_events_from_an_older_instance_are_ignored():
+    sim = Sim({"a": {}})
+    r, _ = sim.request("a")
+    sim.loaded("a")
+    sim.finish(r)
+    sim.send(ProcessExited("a", 1, "x", sim.now))
+    sim.now += 10
+    sim.request("a")  # instance 2 starts
+    assert sim.send(ProcessExited("a", 1, "late news", sim.now)) == []
+    assert sim.phase("a") is Phase.LOADING
+
+
+def test_cancelled_waiter_does_not_keep_a_swap_pending():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP)
+    ra, _ = sim.request("a")
+    sim.loaded("a")
+    rb, _ = sim.request("b")
+    sim.send(RequestCancelled(rb, sim.now))
+    ra2, actions = sim.request("a")
+    assert kinds(actions) == [("grant", ra2, "a")]
+
+
+def test_admin_unload_waits_for_in_flight_then_stops_and_force_stops_at_once():
+    sim = Sim({"a": {}})
+    r, _ = sim.request("a")
+    sim.loaded("a")
+    assert sim.send(UnloadRequested("a", sim.now)) == []
+    assert kinds(sim.finish(r)) == [("stop", "a", "admin")]
+    sim.stopped("a")
+    r2, _ = sim.request("a")
+    sim.loaded("a")
+    assert kinds(sim.send(UnloadRequested(None, sim.now, force=True))) == [("stop", "a", "admin")]
+
+
+def test_drop_waiters_answers_everyone_with_503():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP)
+    ra, _ = sim.request("a")
+    rb, _ = sim.request("b")
+    actions = sim.send(DropWaiters("stopping", sim.now))
+    assert {a.request_id for a in actions if isinstance(a, Reject)} == {ra, rb}
+    assert all(a.status == 503 for a in actions if isinstance(a, Reject))
+
+
+def test_views_report_state_queue_and_ttl():
+    sim = Sim({"a": {"ttl_s": 30, "aliases": ["fast"]}})
+    sim.request("a")
+    (view,) = sim.core.views(sim.now)
+    assert (view.state, view.queued, view.available_now, view.aliases) == ("loading", 1, False, ["fast"])
+    sim.loaded("a")
+    (view,) = sim.core.views(sim.now)
+    assert (view.state, view.in_flight, view.available_now, view.last_load_ms) == ("ready", 1, True, 50)
