@@ -194,6 +194,7 @@ class Driver:
         self.children[name] = server
         started = self.now()
         log.info("model_loading", model=name, displaced=list(action.displaced))
+        self._notify("starting", {"model": name})
         try:
             await server.start(self.ports, self.config.daemon.health_timeout_s)
         except asyncio.CancelledError:
@@ -210,7 +211,10 @@ class Driver:
         load_s = self.now() - started
         log.info("model_ready", model=name, pid=server.pid, port=server.port, load_ms=round(load_s * 1000))
         if action.displaced:
-            log.info("swap", to=name, displaced=list(action.displaced), load_ms=round(load_s * 1000))
+            # Whole swap: from the decision to make room (draining and stopping included) to ready.
+            since = action.swap_started if action.swap_started is not None else started
+            log.info("swap", to=name, displaced=list(action.displaced), swap_ms=self._ms(since),
+                     load_ms=round(load_s * 1000))
         self._notify("spawned", {"model": name, "pid": server.pid, "port": server.port})
         self.dispatch(LoadSucceeded(name, action.instance, server.port, server.pid, load_s, self.now()))  # type: ignore[arg-type]
         code = await server.wait()

@@ -147,8 +147,9 @@ Event = (
 class StartProcess:
     model: str
     instance: int
-    # Models stopped to make room for this one (for the swap log line).
+    # Models stopped to make room for this one, and since when it waited for them (for the swap log line).
     displaced: tuple[str, ...] = ()
+    swap_started: float | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ class ModelState:
     retry_at: float = 0.0
     unload_requested: bool = False
     displaced: tuple[str, ...] = ()
+    swap_started: float | None = None
 
 
 @dataclass
@@ -399,14 +401,15 @@ class SchedulerCore:
                 actions.append(self._stop(other, "swap"))
                 waiting_on = True
         if waiting_on:
-            if displaced:
-                state.displaced = tuple(sorted({*state.displaced, *(o.name for o in displaced)}))
+            state.displaced = tuple(sorted({*state.displaced, *(o.name for o in displaced)}))
+            if state.swap_started is None:
+                state.swap_started = now
             return actions
         state.phase = Phase.LOADING
         state.instance += 1
         state.load_started = now
-        actions.append(StartProcess(state.name, state.instance, state.displaced))
-        state.displaced = ()
+        actions.append(StartProcess(state.name, state.instance, state.displaced, state.swap_started))
+        state.displaced, state.swap_started = (), None
         return actions
 
     def _blocked(self, model: str, claimed: list[str]) -> str | None:

@@ -17,3 +17,118 @@ def llama_server_bin() -> str:
     if proc.returncode != 0:
         pytest.fail(f"scripts/build-llama-server.sh failed:\n{proc.stderr[-4000:]}")
     return proc.stdout.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------- the daemon, in process, with real children
+
+import asyncio  # noqa: E402
+import time  # noqa: E402
+from collections.abc import AsyncIterator, Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+import aiohttp  # noqa: E402
+import psutil  # noqa: E402
+
+from supervisor.config import Config, parse_config  # noqa: E402
+from supervisor.daemon import Daemon  # noqa: E402
+from supervisor.testmodels import write_test_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[int, pathlib.Path]:
+    """Small generated GGUFs, distinct per seed; made once per session."""
+    folder = tmp_path_factory.mktemp("models")
+    return {seed: write_test_model(folder / f"m{seed}.gguf", seed=seed) for seed in range(1, 5)}
+
+
+@dataclass
+class Timeline:
+    """What the driver reported, in order: (kind, fields, monotonic time)."""
+
+    entries: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)
+
+    def __call__(self, kind: str, fields: dict[str, Any]) -> None:
+        self.entries.append((kind, dict(fields), time.monotonic()))
+
+    def of(self, kind: str, model: str | None = None) -> list[dict[str, Any]]:
+        return [f for k, f, _ in self.entries if k == kind and (model is None or f.get("model") == model)]
+
+    def max_alive(self) -> int:
+        """Most children alive at once. 'starting' precedes the spawn; the end events follow the exit."""
+        alive = peak = 0
+        for kind, _, _ in self.entries:
+            if kind == "starting":
+                alive += 1
+                peak = max(peak, alive)
+            elif kind in ("stopped", "load_failed", "exited"):
+                alive -= 1
+        return peak
+
+
+@dataclass
+class RunningDaemon:
+    daemon: Daemon
+    http: aiohttp.ClientSession
+    timeline: Timeline
+
+    @property
+    def url(self) -> str:
+        return self.daemon.url
+
+    @property
+    def driver(self):
+        return self.daemon.driver
+
+    def queued(self, model: str) -> int:
+        return sum(1 for w in self.driver.core.waiters.values() if w.model == model)
+
+    def state(self, model: str) -> str:
+        return self.driver.core.models[model].phase.value
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 20) -> None:
+        await asyncio.wait_for(self.driver.wait_until(predicate), timeout)
+
+    async def chat(self, model: str, content: str = "hello", max_tokens: int = 8, **extra: Any):
+        body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **extra}
+        async with self.http.post(f"{self.url}/v1/chat/completions", json=body) as response:
+            return response.status, await response.json(), response.headers
+
+    async def get_json(self, path: str):
+        async with self.http.get(self.url + path) as response:
+            return response.status, await response.json()
+
+    async def post_json(self, path: str, body: Any = None):
+        async with self.http.post(self.url + path, json=body) as response:
+            return response.status, await response.json()
+
+
+def make_config(models: dict[str, dict], groups: dict | None = None, **daemon: Any) -> Config:
+    settings = {"listen": "127.0.0.1:8080", "port_range": [19100, 19899], "queue_timeout_s": 30,
+                "health_timeout_s": 30, "stop_timeout_s": 5, "drain_timeout_s": 10, **daemon}
+    return parse_config({"daemon": settings, "groups": groups or {}, "models": models})
+
+
+@pytest.fixture
+async def start_daemon(llama_server_bin) -> AsyncIterator[Callable[..., Any]]:
+    """start_daemon(models, groups, **daemon_keys) -> RunningDaemon on a free port; everything stopped after."""
+    running: list[RunningDaemon] = []
+
+    async def start(models: dict[str, dict], groups: dict | None = None, **daemon: Any) -> RunningDaemon:
+        daemon_obj = Daemon(make_config(models, groups, **daemon), llama_server_bin, port=0)
+        await daemon_obj.start()
+        timeline = Timeline()
+        daemon_obj.driver.observers.append(timeline)
+        handle = RunningDaemon(daemon_obj, aiohttp.ClientSession(), timeline)
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        await handle.http.close()
+        await handle.daemon.stop()
+
+
+def llama_children() -> list[psutil.Process]:
+    """llama-server processes started by this test process."""
+    return [p for p in psutil.Process().children(recursive=True) if "llama-server" in p.name()]

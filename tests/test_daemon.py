@@ -1,0 +1,248 @@
+"""The daemon end to end, against the real llama-server with generated GGUFs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+
+from conftest import llama_children
+
+pytestmark = pytest.mark.llama
+
+SWAP_GROUP = {"main": {"swap": True, "exclusive": True}}
+
+
+def swap_pair(tiny_models, **extra) -> dict[str, dict]:
+    return {
+        "a": {"model": str(tiny_models[1]), "group": "main", "args": ["-c", "512"], **extra},
+        "b": {"model": str(tiny_models[2]), "group": "main", "args": ["-c", "512"], **extra},
+    }
+
+
+async def test_swap_a_b_a_serves_each_model_and_never_runs_two_children(start_daemon, tiny_models):
+    d = await start_daemon(swap_pair(tiny_models), SWAP_GROUP)
+    seen_pids = []
+    for model in ("a", "b", "a"):
+        status, body, headers = await d.chat(model)
+        assert status == 200, body
+        assert body["model"] == model  # each child is started with --alias <model name>
+        assert body["choices"][0]["message"]["content"]
+        assert headers["X-Served-By"] == "local"
+        # The child that answered really holds this model's file.
+        status, props = await d.get_json(f"/upstream/{model}/props")
+        assert props["model_path"].endswith(f"m{1 if model == 'a' else 2}.gguf")
+        assert len(llama_children()) == 1
+        seen_pids.append(d.driver.core.models[model].pid)
+    assert len(set(seen_pids)) == 3  # a was restarted after b
+    assert d.timeline.max_alive() == 1
+    assert [f["cause"] for f in d.timeline.of("stopped")] == ["swap", "swap"]
+
+
+async def test_models_of_non_exclusive_groups_stay_loaded_together(start_daemon, tiny_models):
+    groups = {"chat": {"swap": True, "exclusive": False}, "tools": {"swap": True, "exclusive": False}}
+    d = await start_daemon({
+        "a": {"model": str(tiny_models[1]), "group": "chat", "args": ["-c", "512"]},
+        "t": {"model": str(tiny_models[3]), "group": "tools", "args": ["-c", "512"]},
+    }, groups)  # fmt: skip
+    assert (await d.chat("a"))[0] == 200
+    assert (await d.chat("t"))[0] == 200
+    assert (await d.chat("a"))[0] == 200
+    assert d.state("a") == d.state("t") == "ready"
+    assert len(d.timeline.of("starting")) == 2
+    status, running = await d.get_json("/running")
+    assert sorted(r["model"] for r in running["running"]) == ["a", "t"]
+
+
+async def test_persistent_group_member_survives_swaps_of_an_exclusive_group(start_daemon, tiny_models):
+    groups = {**SWAP_GROUP, "embed": {"swap": True, "exclusive": False, "persistent": True}}
+    models = {
+        **swap_pair(tiny_models),
+        "e": {"model": str(tiny_models[4]), "group": "embed", "args": ["-c", "512", "--embeddings", "--pooling", "mean"]},
+    }
+    d = await start_daemon(models, groups)
+    async with d.http.post(f"{d.url}/v1/embeddings", json={"model": "e", "input": "hello"}) as response:
+        assert response.status == 200
+        assert len((await response.json())["data"][0]["embedding"]) == 64
+    embed_pid = d.driver.core.models["e"].pid
+    for model in ("a", "b", "a"):
+        assert (await d.chat(model))[0] == 200
+    assert d.state("e") == "ready"
+    assert d.driver.core.models["e"].pid == embed_pid
+    assert not d.timeline.of("stopped", "e")
+
+
+async def test_concurrent_requests_for_a_cold_model_cause_one_load(start_daemon, tiny_models):
+    d = await start_daemon(swap_pair(tiny_models), SWAP_GROUP)
+    results = await asyncio.gather(*(d.chat("a") for _ in range(12)))
+    assert [status for status, _, _ in results] == [200] * 12
+    assert len(d.timeline.of("starting", "a")) == 1
+
+
+async def test_streaming_request_holds_off_a_swap_until_it_finishes(start_daemon, tiny_models):
+    models = swap_pair(tiny_models)
+    models["a"]["args"] = ["-c", "8192"]
+    d = await start_daemon(models, SWAP_GROUP)
+    body = {"model": "a", "stream": True, "max_tokens": 3000, "messages": [{"role": "user", "content": "go"}]}
+    async with d.http.post(f"{d.url}/v1/chat/completions", json=body) as stream:
+        assert stream.status == 200
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+        first = await stream.content.readline()
+        assert first.startswith(b"data: ")
+        b_request = asyncio.ensure_future(d.chat("b"))
+        await d.wait_until(lambda: d.queued("b") == 1)
+        # b waits; a keeps its child and keeps streaming.
+        assert d.state("a") == "ready" and d.state("b") == "unloaded"
+        assert not b_request.done()
+        chunks = 0
+        async for line in stream.content:
+            if line.startswith(b"data: "):
+                chunks += 1
+                assert d.state("b") == "unloaded"
+        finished_stream = time.monotonic()
+        assert line.strip() == b"" or b"[DONE]" in line
+    assert chunks > 1000
+    status, answer, _ = await b_request
+    assert status == 200 and answer["model"] == "b"
+    stop_of_a = next(t for kind, f, t in d.timeline.entries if kind == "stopped" and f["model"] == "a")
+    assert stop_of_a >= finished_stream - 0.05  # a was stopped only once its stream was done
+    assert d.timeline.max_alive() == 1
+
+
+async def test_ttl_unloads_an_idle_model_and_ttl_zero_never_does(start_daemon, tiny_models):
+    groups = {"x": {"exclusive": False}, "y": {"exclusive": False}}
+    d = await start_daemon({
+        "short": {"model": str(tiny_models[1]), "group": "x", "ttl_s": 0.3, "args": ["-c", "512"]},
+        "forever": {"model": str(tiny_models[2]), "group": "y", "ttl_s": 0, "args": ["-c", "512"]},
+    }, groups)  # fmt: skip
+    assert (await d.chat("forever"))[0] == 200
+    assert (await d.chat("short"))[0] == 200
+    _, status = await d.get_json("/status")
+    assert 0 < status["models"]["short"]["ttl_remaining_s"] <= 0.3
+    assert status["models"]["forever"]["ttl_remaining_s"] is None
+    await d.wait_until(lambda: d.state("short") == "unloaded", timeout=10)
+    assert d.timeline.of("stopped", "short")[0]["cause"] == "ttl"
+    # 'forever' finished its request before 'short' did, so it has been idle longer than short's TTL.
+    assert d.state("forever") == "ready"
+    assert d.driver.core.next_wakeup() is None
+
+
+async def test_model_whose_server_exits_at_start_fails_fast_with_the_cause(start_daemon, tiny_models):
+    d = await start_daemon({"broken": {"model": str(tiny_models[1]), "args": ["--no-such-flag"]}},
+                           health_timeout_s=60)
+    started = time.monotonic()
+    status, body, headers = await d.chat("broken")
+    elapsed = time.monotonic() - started
+    assert status == 503
+    message = body["error"]["message"]
+    assert "'broken'" in message and "--no-such-flag" in message
+    assert body["error"]["code"] == "model_load_failed"
+    assert "Retry-After" in headers
+    assert elapsed < 10  # seen at exit, not after health_timeout_s (60 s)
+    _, status_doc = await d.get_json("/status")
+    assert status_doc["models"]["broken"]["state"] == "failed"
+    assert "--no-such-flag" in status_doc["models"]["broken"]["last_error"]
+    async with d.http.get(f"{d.url}/logs/broken") as response:
+        assert "--no-such-flag" in await response.text()
+    assert llama_children() == []
+
+
+async def test_queue_timeout_gives_503_with_retry_after_before_any_stream_byte(start_daemon, tiny_models):
+    models = swap_pair(tiny_models)
+    models["a"]["args"] = ["-c", "8192"]
+    d = await start_daemon(models, SWAP_GROUP, queue_timeout_s=0.5)
+    body = {"model": "a", "stream": True, "max_tokens": 4000, "messages": [{"role": "user", "content": "go"}]}
+    async with d.http.post(f"{d.url}/v1/chat/completions", json=body) as holding:
+        await holding.content.readline()  # a is busy, and stays busy while we do not read on
+        stream_b = {"model": "b", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        async with d.http.post(f"{d.url}/v1/chat/completions", json=stream_b) as response:
+            assert response.status == 503
+            assert 1 <= int(response.headers["Retry-After"]) <= 10
+            assert response.headers["Content-Type"].startswith("application/json")
+            error = (await response.json())["error"]
+            assert error["code"] == "queue_timeout" and "'b'" in error["message"]
+    assert d.state("b") == "unloaded"
+
+
+async def test_client_disconnect_cancels_the_upstream_generation(start_daemon, tiny_models):
+    d = await start_daemon({"a": {"model": str(tiny_models[1]), "args": ["-c", "65536", "-np", "1"]}})
+    body = {"model": "a", "stream": True, "max_tokens": 60000, "messages": [{"role": "user", "content": "go"}]}
+    async with aiohttp.ClientSession() as own:
+        response = await own.post(f"{d.url}/v1/chat/completions", json=body)
+        await response.content.readline()
+        response.close()  # the client goes away mid-stream
+    await d.wait_until(lambda: d.driver.core.models["a"].in_flight == 0, timeout=10)
+
+    async def slot_busy() -> bool:
+        _, slots = await d.get_json("/upstream/a/slots")
+        return any(slot.get("is_processing") for slot in slots)
+
+    # 60000 tokens would keep the only slot busy for many seconds; cancelled, it frees within moments.
+    deadline = time.monotonic() + 5
+    while await slot_busy():
+        assert time.monotonic() < deadline, "llama-server kept generating for a client that left"
+        await asyncio.sleep(0.02)
+
+
+async def test_openai_errors_for_unknown_model_and_bad_json(start_daemon, tiny_models):
+    d = await start_daemon(swap_pair(tiny_models), SWAP_GROUP)
+    status, body, _ = await d.chat("nope")
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert body["error"]["type"] == "not_found_error"
+    async with d.http.post(f"{d.url}/v1/chat/completions", data=b"{not json",
+                           headers={"Content-Type": "application/json"}) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "invalid_json"
+    async with d.http.post(f"{d.url}/v1/completions", json={"prompt": "x"}) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "missing_model"
+    async with d.http.get(f"{d.url}/no/such/path") as response:
+        assert response.status == 404
+        assert "error" in await response.json()
+    assert llama_children() == []  # none of that started anything
+
+
+async def test_models_list_health_and_admin_load_unload(start_daemon, tiny_models):
+    models = swap_pair(tiny_models)
+    models["a"]["aliases"] = ["speed"]
+    d = await start_daemon(models, SWAP_GROUP)
+    _, listing = await d.get_json("/v1/models")
+    by_id = {m["id"]: m for m in listing["data"]}
+    assert set(by_id) == {"a", "b", "speed"}
+    assert by_id["speed"]["alias_of"] == "a" and by_id["a"]["status"]["value"] == "unloaded"
+
+    status, health = await d.get_json("/health/speed")
+    assert status == 503 and health["state"] == "unloaded"
+    status, loaded = await d.post_json("/models/speed/load")
+    assert status == 200 and loaded["state"] == "ready"
+    status, health = await d.get_json("/health/a")
+    assert status == 200 and health["state"] == "ready"
+    _, listing = await d.get_json("/v1/models")
+    assert {m["id"]: m["status"]["value"] for m in listing["data"]}["speed"] == "ready"
+
+    status, _ = await d.post_json("/models/b/load")  # swaps a out
+    assert status == 200 and d.state("a") == "unloaded"
+    status, _ = await d.post_json("/models/b/unload")
+    assert status == 200 and d.state("b") == "unloaded"
+    assert llama_children() == []
+    status, _ = await d.post_json("/models/a/load")
+    status, _ = await d.post_json("/unload")
+    assert status == 200 and llama_children() == []
+    assert (await d.get_json("/health"))[1] == {"status": "ok"}
+
+
+async def test_stream_passes_through_as_server_sent_events(start_daemon, tiny_models):
+    d = await start_daemon(swap_pair(tiny_models), SWAP_GROUP)
+    body = {"model": "a", "stream": True, "max_tokens": 20, "prompt": "once"}
+    events = []
+    async with d.http.post(f"{d.url}/v1/completions", json=body) as response:
+        assert response.status == 200
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                events.append(line[6:].strip())
+    assert events[-1] == b"[DONE]"
+    assert len(events) >= 20
+    assert all("choices" in json.loads(e) for e in events[:-1])
