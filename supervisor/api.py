@@ -12,7 +12,7 @@ from aiohttp import web
 
 from .config import Config
 from .driver import Driver, Rejected
-from .proxy import Proxy, error_response, rejection_response
+from .proxy import ApiError, Proxy, error_response, rejection_response, unknown_model_error
 from .scheduler import ModelView
 
 log = structlog.get_logger("supervisor.api")
@@ -68,6 +68,8 @@ class Api:
             return error_response(exc.status, code, message)
         except Rejected as rejected:
             return rejection_response(rejected)
+        except ApiError as error:
+            return error_response(error.status, error.code, error.message)
         except Exception:
             # Nothing a client sends may take the daemon down; the traceback goes to the log, not the client.
             log.exception("handler_failed", path=request.path, method=request.method)
@@ -90,7 +92,7 @@ class Api:
         name = request.match_info["model"]
         model = self.config.resolve(name)
         if model is None:
-            raise web.HTTPNotFound(text=f"model {name!r} does not exist")
+            raise unknown_model_error(self.config, name)
         return model
 
     def _views(self) -> dict[str, ModelView]:

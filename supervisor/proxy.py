@@ -31,6 +31,14 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}  # fmt: skip
 
 
+class ApiError(Exception):
+    """An error a handler answers with: status, machine-readable code, message for a person."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
 def error_response(status: int, code: str, message: str, retry_after_s: int | None = None,
                    extra: dict[str, Any] | None = None) -> web.Response:
     """An OpenAI-style JSON error."""
@@ -44,6 +52,11 @@ def error_response(status: int, code: str, message: str, retry_after_s: int | No
 
 def rejection_response(rejected: Rejected) -> web.Response:
     return error_response(rejected.status, rejected.code, rejected.message, rejected.retry_after_s)
+
+
+def unknown_model_error(config: Config, name: str) -> ApiError:
+    known = ", ".join(sorted(config.models)) or "none"
+    return ApiError(404, "model_not_found", f"model {name!r} does not exist (models: {known})")
 
 
 class Proxy:
@@ -79,8 +92,8 @@ class Proxy:
         return await self._serve(request, model, "/" + request.match_info["path"], body)
 
     def unknown_model(self, name: str) -> web.Response:
-        known = ", ".join(sorted(self.config.models)) or "none"
-        return error_response(404, "model_not_found", f"model {name!r} does not exist (models: {known})")
+        error = unknown_model_error(self.config, name)
+        return error_response(error.status, error.code, error.message)
 
     async def _serve(self, request: web.Request, model: str, path: str, body: bytes) -> web.StreamResponse:
         try:

@@ -1,0 +1,137 @@
+"""One llama-server child's lifecycle, against the real binary."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+
+import aiohttp
+import psutil
+import pytest
+
+from supervisor import process
+from supervisor.process import LlamaServer, LoadError, LogRing, PortPool, child_environment
+
+pytestmark = pytest.mark.llama
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def server(llama_server_bin, model, http, args=("-c", "512"), env=None) -> LlamaServer:
+    return LlamaServer("m", llama_server_bin, model, list(args), LogRing(200), http, env)
+
+
+async def test_start_is_ready_and_stop_ends_the_whole_group(llama_server_bin, tiny_models, http):
+    child = server(llama_server_bin, tiny_models[1], http)
+    ports = PortPool(19500, 19599)
+    await child.start(ports, timeout_s=30)
+    try:
+        async with http.get(f"http://127.0.0.1:{child.port}/health") as response:
+            assert response.status == 200
+        assert os.getpgid(child.pid) == child.pid  # leads its own process group
+        assert "starting m on port" in "\n".join(child.log.lines())
+    finally:
+        await child.stop(grace_s=5)
+    assert child.returncode is not None
+    assert not psutil.pid_exists(child.pid) or psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_early_exit_is_reported_with_the_last_output(llama_server_bin, tiny_models, http):
+    child = server(llama_server_bin, tiny_models[1], http, args=["--definitely-not-a-flag"])
+    with pytest.raises(LoadError) as raised:
+        await child.start(PortPool(19500, 19599), timeout_s=60)
+    message = str(raised.value)
+    assert "exited with code" in message and "--definitely-not-a-flag" in message
+
+
+async def test_a_missing_model_file_fails_with_llama_servers_reason(llama_server_bin, tmp_path, http):
+    child = server(llama_server_bin, tmp_path / "absent.gguf", http)
+    with pytest.raises(LoadError) as raised:
+        await child.start(PortPool(19500, 19599), timeout_s=60)
+    assert "absent.gguf" in str(raised.value)
+
+
+async def test_health_timeout_stops_the_child_and_says_so(llama_server_bin, tiny_models, http, monkeypatch):
+    # A real llama-server is ready in milliseconds; make it look never-ready by probing a port nothing serves.
+    child = server(llama_server_bin, tiny_models[1], http)
+
+    async def never_healthy() -> bool:
+        return False
+
+    monkeypatch.setattr(child, "_healthy", never_healthy)
+    with pytest.raises(LoadError, match=r"not ready after 0\.5 s \(health_timeout_s\)"):
+        await child.start(PortPool(19500, 19599), timeout_s=0.5)
+    assert child.returncode is not None
+
+
+async def test_port_taken_by_another_program_between_check_and_bind_moves_to_another(
+    llama_server_bin, tiny_models, http, monkeypatch
+):
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 19600))
+    squatter.listen()
+    # The check passes (as it would if the other program bound the port a moment later)...
+    monkeypatch.setattr(process, "_bindable", lambda port: True)
+    child = server(llama_server_bin, tiny_models[1], http)
+    try:
+        await child.start(PortPool(19600, 19610), timeout_s=30)
+        assert child.port != 19600
+        assert "port 19600 was taken by another program" in "\n".join(child.log.lines())
+    finally:
+        await child.stop(grace_s=5)
+        squatter.close()
+
+
+def test_port_pool_skips_ports_in_use_and_ports_it_handed_out():
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 19700))
+    squatter.listen()
+    try:
+        pool = PortPool(19700, 19702)
+        first = pool.acquire()
+        second = pool.acquire()
+        assert {first, second} == {19701, 19702}
+        with pytest.raises(LoadError, match="no free port in port_range 19700-19702"):
+            pool.acquire()
+        pool.release(first)
+        assert pool.acquire() == first
+    finally:
+        squatter.close()
+
+
+def test_children_get_a_minimal_environment():
+    env = child_environment({"PATH": "/usr/bin", "CUDA_VISIBLE_DEVICES": "0", "HOME": "/root",
+                             "FRONTIER_API_KEY": "sk-secret", "MODEL_SUPERVISOR_ADMIN_TOKEN": "t0ken",
+                             "NOTIFY_SOCKET": "/run/systemd/notify", "LC_ALL": "C.UTF-8"})  # fmt: skip
+    assert env == {"PATH": "/usr/bin", "CUDA_VISIBLE_DEVICES": "0", "HOME": "/root", "LC_ALL": "C.UTF-8"}
+
+
+async def test_child_really_runs_with_that_environment(llama_server_bin, tiny_models, http, monkeypatch):
+    monkeypatch.setenv("FRONTIER_API_KEY", "sk-should-not-leak")
+    child = server(llama_server_bin, tiny_models[1], http, env=child_environment())
+    await child.start(PortPool(19500, 19599), timeout_s=30)
+    try:
+        assert "FRONTIER_API_KEY" not in psutil.Process(child.pid).environ()
+    finally:
+        await child.stop(grace_s=5)
+
+
+async def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path, http):
+    # llama-server honours SIGTERM, so a stand-in that ignores it shows the escalation (a named fake).
+    stubborn = tmp_path / "stubborn-server"
+    stubborn.write_text("#!/bin/sh\ntrap '' TERM\necho armed\nwhile :; do sleep 1; done\n")
+    stubborn.chmod(0o755)
+    child = LlamaServer("m", str(stubborn), tmp_path / "x.gguf", [], LogRing(50), http)
+    await child.spawn(19650)
+    while "armed" not in child.log.lines():  # its trap is set before it says so
+        child.log.changed.clear()
+        await asyncio.wait_for(child.log.changed.wait(), 10)
+    await child.stop(grace_s=0.3)
+    assert child.returncode == -signal.SIGKILL
+    assert "SIGKILL" in child.log.tail()
