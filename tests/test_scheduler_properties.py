@@ -1,0 +1,174 @@
+"""Random interleavings of everything that can happen, checked against the rules that must always hold."""
+
+from __future__ import annotations
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from supervisor.config import parse_config
+from supervisor.scheduler import (
+    RESIDENT,
+    Grant,
+    LoadFailed,
+    LoadSucceeded,
+    Phase,
+    ProcessExited,
+    Reject,
+    RequestArrived,
+    RequestCancelled,
+    RequestFinished,
+    SchedulerCore,
+    StartProcess,
+    StopCompleted,
+    StopProcess,
+    Tick,
+    UnloadRequested,
+)
+
+MODELS = ["a", "b", "c", "e"]
+CONFIG = parse_config({
+    "daemon": {"queue_timeout_s": 5},
+    "groups": {
+        "main": {"swap": True, "exclusive": True},
+        "side": {"swap": True, "exclusive": False},
+        "keep": {"swap": True, "exclusive": False, "persistent": True},
+    },
+    "models": {
+        "a": {"model": "/a", "group": "main", "ttl_s": 3},
+        "b": {"model": "/b", "group": "main", "priority": 2},
+        "c": {"model": "/c", "group": "side", "ttl_s": 1},
+        "e": {"model": "/e", "group": "keep"},
+    },
+})  # fmt: skip
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.core = SchedulerCore(CONFIG)
+        self.now = 0.0
+        self.ids = 0
+        self.answers: dict[int, str] = {}  # request id -> "grant" | "reject"
+        self.waiting: set[int] = set()
+        self.granted: dict[int, str] = {}
+        self.starting: dict[str, int] = {}  # model -> instance being started
+        self.stopping: dict[str, int] = {}
+        self.forced = False
+
+    def apply(self, event) -> None:
+        self.forced = isinstance(event, UnloadRequested) and event.force
+        for action in self.core.handle(event):
+            match action:
+                case Grant():
+                    assert action.request_id not in self.answers, "answered twice"
+                    self.answers[action.request_id] = "grant"
+                    self.waiting.discard(action.request_id)
+                    self.granted[action.request_id] = action.model
+                case Reject():
+                    assert action.request_id not in self.answers, "answered twice"
+                    self.answers[action.request_id] = "reject"
+                    self.waiting.discard(action.request_id)
+                case StartProcess():
+                    assert action.model not in self.starting and action.model not in self.stopping
+                    self.starting[action.model] = action.instance
+                case StopProcess():
+                    busy = sum(1 for m in self.granted.values() if m == action.model)
+                    assert busy == 0 or self.forced, f"{action.model} stopped with {busy} requests in flight"
+                    self.starting.pop(action.model, None)
+                    self.stopping[action.model] = action.instance
+
+    @rule(model=st.sampled_from(MODELS))
+    def request(self, model):
+        self.ids += 1
+        self.waiting.add(self.ids)
+        self.apply(RequestArrived(self.ids, model, self.now, self.now + 5))
+
+    @precondition(lambda self: self.granted)
+    @rule(data=st.data())
+    def finish(self, data):
+        request_id = data.draw(st.sampled_from(sorted(self.granted)))
+        del self.granted[request_id]
+        self.apply(RequestFinished(request_id, self.now))
+
+    @precondition(lambda self: self.waiting)
+    @rule(data=st.data())
+    def cancel(self, data):
+        request_id = data.draw(st.sampled_from(sorted(self.waiting)))
+        self.waiting.discard(request_id)
+        self.answers[request_id] = "cancelled"
+        self.apply(RequestCancelled(request_id, self.now))
+
+    @precondition(lambda self: self.starting)
+    @rule(data=st.data(), ok=st.booleans())
+    def load_result(self, data, ok):
+        model = data.draw(st.sampled_from(sorted(self.starting)))
+        instance = self.starting.pop(model)
+        if ok:
+            self.apply(LoadSucceeded(model, instance, 7000, 1, 0.1, self.now))
+        else:
+            self.apply(LoadFailed(model, instance, "boom", self.now))
+
+    @precondition(lambda self: self.stopping)
+    @rule(data=st.data())
+    def stop_done(self, data):
+        model = data.draw(st.sampled_from(sorted(self.stopping)))
+        self.apply(StopCompleted(model, self.stopping.pop(model), self.now))
+
+    @rule(model=st.sampled_from(MODELS))
+    def crash(self, model):
+        state = self.core.models[model]
+        if state.phase is Phase.READY and model not in self.stopping:
+            self.apply(ProcessExited(model, state.instance, "crash", self.now))
+
+    @rule(model=st.sampled_from([*MODELS, None]), force=st.booleans())
+    def unload(self, model, force):
+        self.apply(UnloadRequested(model, self.now, force=force))
+
+    @rule(dt=st.sampled_from([0.1, 0.5, 1.0, 3.0, 6.0]))
+    def advance(self, dt):
+        self.now += dt
+        self.apply(Tick(self.now))
+
+    @invariant()
+    def one_member_of_the_swap_group_at_a_time(self):
+        resident = [m for m in ("a", "b") if self.core.models[m].phase in RESIDENT]
+        assert len(resident) <= 1, resident
+
+    @invariant()
+    def in_flight_matches_what_was_granted(self):
+        for name, state in self.core.models.items():
+            assert state.in_flight == sum(1 for m in self.granted.values() if m == name)
+
+    @invariant()
+    def persistent_model_is_only_stopped_by_ttl_admin_or_crash(self):
+        # 'e' has no TTL, so only an unload or a crash may take it down; never a swap for another group.
+        assert self.core.models["e"].phase is not Phase.UNLOADING or "e" in self.stopping
+
+    @invariant()
+    def nobody_waits_past_their_deadline(self):
+        for waiter in self.core.waiters.values():
+            assert waiter.deadline > self.now or waiter.deadline == self.now
+
+    def teardown(self):
+        # Let every effect finish and time run out: each request must have had exactly one answer.
+        for _ in range(50):
+            if self.starting:
+                model, instance = next(iter(self.starting.items()))
+                del self.starting[model]
+                self.apply(LoadSucceeded(model, instance, 7000, 1, 0.1, self.now))
+            elif self.stopping:
+                model, instance = next(iter(self.stopping.items()))
+                del self.stopping[model]
+                self.apply(StopCompleted(model, instance, self.now))
+            elif self.granted:
+                self.apply(RequestFinished(self.granted.popitem()[0], self.now))
+            else:
+                self.now += 40
+                self.apply(Tick(self.now))
+        assert not self.core.waiters
+        assert set(self.answers) == set(range(1, self.ids + 1))
+
+
+SchedulerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+TestScheduler = SchedulerMachine.TestCase
