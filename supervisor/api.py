@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import psutil
 import structlog
 from aiohttp import web
 
@@ -46,6 +49,10 @@ class Api:
             web.post("/models/{model}/unload", self.admin(self.unload)),
             web.post("/unload", self.admin(self.unload_all)),
             web.post("/stop-all", self.admin(self.stop_all)),
+            web.get("/leases", self.list_leases),
+            web.post("/leases", self.admin(self.create_lease)),
+            web.post("/leases/{id}/renew", self.admin(self.renew_lease)),
+            web.delete("/leases/{id}", self.admin(self.delete_lease)),
             web.route("*", "/upstream/{model}/{path:.*}", p.upstream),
         ])  # fmt: skip
         return app
@@ -117,7 +124,8 @@ class Api:
             "aliases": view.aliases,
             "pid": view.pid,
             "port": view.port,
-            "vram_mb": self.config.models[view.name].vram_mb,
+            "vram_mb": view.need_mb,
+            "vram_source": self.driver.need_source.get(view.name, "unknown"),
             "in_flight": view.in_flight,
             "queued": view.queued,
             "ttl_s": view.ttl_s,
@@ -145,10 +153,36 @@ class Api:
         views = self._views()
         return web.json_response({
             "gaming_mode": False,
-            "memory": {},
+            "memory": self._memory_document(),
             "models": {name: self._model_document(view) for name, view in views.items()},
-            "leases": [],
+            "leases": self._lease_documents(),
         })  # fmt: skip
+
+    def _memory_document(self) -> list[dict[str, Any]]:
+        """Per device (one today: [gpu] device): what the probe reads and how the daemon divides it."""
+        snapshot, budget = self.driver.snapshot, self.driver.core.budget
+        if snapshot is None or budget is None:
+            return []
+        models_mb, leases_mb = self.driver.core.committed_mb()
+        document = {
+            "device": snapshot.device, "backend": snapshot.backend, "pool": snapshot.pool,
+            "total_mb": snapshot.total_mb, "used_mb": snapshot.used_mb, "free_mb": snapshot.free_mb,
+            "reserve_mb": budget.reserve_mb, "foreign_mb": budget.foreign_mb,
+            "models_mb": models_mb, "leases_mb": leases_mb, "usable_mb": budget.usable_mb,
+            "available_mb": self.driver.core.free_mb(),
+        }  # fmt: skip
+        for key in ("vram_total_mb", "vram_used_mb", "gtt_total_mb", "gtt_used_mb"):
+            if getattr(snapshot, key) is not None:
+                document[key] = getattr(snapshot, key)
+        return [document]
+
+    def _lease_documents(self) -> list[dict[str, Any]]:
+        now = self.driver.now()
+        return [
+            {"id": lease.lease_id, "owner": lease.owner, "vram_mb": lease.mb, "priority": lease.priority,
+             "pid": lease.pid, "expires_in_s": round(lease.expires_at - now, 3), "ttl_s": lease.ttl_s}
+            for lease in self.driver.core.leases.values()
+        ]  # fmt: skip
 
     async def running(self, request: web.Request) -> web.Response:
         """llama-swap's /running: the models that hold a process."""
@@ -193,3 +227,76 @@ class Api:
     async def stop_all(self, request: web.Request) -> web.Response:
         await self.driver.stop_all("stop-all was requested by an administrator")
         return web.json_response({"unloaded": sorted(self.config.models)})
+
+    # ------------------------------------------------------------ leases
+
+    async def list_leases(self, request: web.Request) -> web.Response:
+        return web.json_response({"leases": self._lease_documents()})
+
+    async def create_lease(self, request: web.Request) -> web.Response:
+        fields = lease_fields(await request.read())
+        grant = await self.driver.request_lease(**fields)
+        return web.json_response({"id": grant.lease_id, "vram_mb": grant.mb, "expires_at": grant.expires_at},
+                                 status=201)
+
+    def _lease_id(self, request: web.Request) -> int:
+        try:
+            return int(request.match_info["id"])
+        except ValueError:
+            raise ApiError(404, "lease_not_found", f"no lease {request.match_info['id']!r}") from None
+
+    async def renew_lease(self, request: web.Request) -> web.Response:
+        lease_id = self._lease_id(request)
+        expires_at = self.driver.renew_lease(lease_id)
+        if expires_at is None:
+            raise ApiError(404, "lease_not_found", f"no lease {lease_id} (released or expired)")
+        return web.json_response({"id": lease_id, "expires_at": expires_at})
+
+    async def delete_lease(self, request: web.Request) -> web.Response:
+        lease_id = self._lease_id(request)
+        if not self.driver.release_lease(lease_id):
+            raise ApiError(404, "lease_not_found", f"no lease {lease_id} (released or expired)")
+        return web.json_response({"id": lease_id, "released": True})
+
+
+LEASE_DEFAULTS = {"owner": "unnamed", "priority": 50, "pid": None, "ttl_s": 300.0, "wait_s": 30.0}
+
+
+def lease_fields(body: bytes) -> dict[str, Any]:
+    """Validate a POST /leases body into request_lease's arguments; bad input is a 400 naming the field."""
+    try:
+        payload = json.loads(body or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "invalid_request", "request body must be a JSON object")
+    unknown = set(payload) - {"vram_mb", *LEASE_DEFAULTS}
+    if unknown:
+        raise ApiError(400, "invalid_request", f"unknown field(s): {', '.join(sorted(unknown))}")
+    fields = {**LEASE_DEFAULTS, **payload}
+
+    def number(name: str, minimum: float, whole: bool = False) -> None:
+        value = fields[name]
+        kind = int if whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+            what = "a whole number" if whole else "a number"
+            raise ApiError(400, "invalid_request", f"'{name}' must be {what} >= {minimum:g}")
+
+    if "vram_mb" not in payload:
+        raise ApiError(400, "invalid_request", "'vram_mb' is required: the memory to hold, in MB")
+    number("vram_mb", 1, whole=True)
+    number("ttl_s", 1)
+    number("wait_s", 0)
+    if isinstance(fields["priority"], bool) or not isinstance(fields["priority"], int):
+        raise ApiError(400, "invalid_request", "'priority' must be a whole number")
+    if not isinstance(fields["owner"], str) or not 0 < len(fields["owner"]) <= 100:
+        raise ApiError(400, "invalid_request", "'owner' must be a non-empty string of at most 100 characters")
+    pid = fields["pid"]
+    if pid is not None:
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise ApiError(400, "invalid_request", "'pid' must be a positive whole number")
+        if not psutil.pid_exists(pid):
+            raise ApiError(400, "invalid_request", f"'pid' {pid} is not a running process")
+    return {"owner": fields["owner"], "mb": fields["vram_mb"], "priority": fields["priority"], "pid": pid,
+            "ttl_s": float(fields["ttl_s"]), "wait_s": float(fields["wait_s"])}
+

@@ -6,7 +6,10 @@ import argparse
 import asyncio
 import json
 import os
+import signal
+import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,7 +18,7 @@ from typing import Any
 from .config import CONFIG_ENV, Config, ConfigError, find_llama_server, load_config, preflight
 
 URL_ENV = "MODEL_SUPERVISOR_URL"
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_NOT_GRANTED = 0, 1, 2, 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     unload = client("unload", "unload one model, or all")
     unload.add_argument("model", nargs="?")
     unload.set_defaults(func=cmd_unload)
+
+    lease = client("lease", "run a command while holding a GPU-memory lease (exit 3 if not granted)")
+    lease.add_argument("--vram-mb", type=int, required=True, help="memory to hold, in MB")
+    lease.add_argument("--owner", default=None, help="who holds it (default: the command's name)")
+    lease.add_argument("--priority", type=int, default=50, help="idle models of lower priority are unloaded for it")
+    lease.add_argument("--wait-s", type=float, default=30.0, help="how long to wait for the memory")
+    lease.add_argument("--ttl-s", type=float, default=60.0, help="lease lifetime; renewed while the command runs")
+    lease.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    lease.set_defaults(func=cmd_lease)
     return parser
 
 
@@ -143,9 +155,12 @@ def _client_settings(args: argparse.Namespace) -> tuple[str, str]:
     return (url or "http://127.0.0.1:8080").rstrip("/"), os.environ.get(token_env, "")
 
 
-def call(args: argparse.Namespace, method: str, path: str, timeout: float = 30) -> tuple[int, Any]:
+def call(args: argparse.Namespace, method: str, path: str, timeout: float = 30, body: Any = None) -> tuple[int, Any]:
     url, token = _client_settings(args)
-    request = urllib.request.Request(url + path, method=method, data=b"" if method == "POST" else None)
+    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+    request = urllib.request.Request(url + path, method=method, data=data)
+    if body is not None:
+        request.add_header("Content-Type", "application/json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -182,14 +197,31 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def render_status(document: dict[str, Any]) -> str:
-    rows = [("MODEL", "STATE", "PID", "PORT", "IN-FLIGHT", "QUEUED", "TTL LEFT", "LAST LOAD", "NOTE")]
+    rows = [("MODEL", "STATE", "PID", "PORT", "VRAM MB", "IN-FLIGHT", "QUEUED", "TTL LEFT", "LAST LOAD", "NOTE")]
     for name, model in document.get("models", {}).items():
         ttl = "-" if model.get("ttl_remaining_s") is None else f"{model['ttl_remaining_s']:.0f}s"
         load = "-" if model.get("last_load_ms") is None else f"{model['last_load_ms']} ms"
         note = (model.get("last_error") or "").splitlines()[0][:60] if model.get("last_error") else ""
-        rows.append((name, model["state"], str(model.get("pid") or "-"), str(model.get("port") or "-"),
+        vram = f"{model.get('vram_mb')} ({model.get('vram_source', '?')})"
+        rows.append((name, model["state"], str(model.get("pid") or "-"), str(model.get("port") or "-"), vram,
                      str(model.get("in_flight", 0)), str(model.get("queued", 0)), ttl, load, note))  # fmt: skip
-    lines = [table(rows)]
+    lines = [table(rows), ""]
+    for device in document.get("memory", []):
+        lines.append(f"memory: {device['device']} ({device['backend']}, budget on {device['pool']}): "
+                     f"{device['used_mb']} of {device['total_mb']} MB used, {device['free_mb']} MB free")
+        if "gtt_total_mb" in device:
+            lines.append(f"  GTT {device['gtt_used_mb']} of {device['gtt_total_mb']} MB used"
+                         + (f", VRAM {device['vram_used_mb']} of {device['vram_total_mb']} MB used"
+                            if "vram_total_mb" in device else ""))  # fmt: skip
+        lines.append(f"  models {device['models_mb']} MB, leases {device['leases_mb']} MB, "
+                     f"other programs {device['foreign_mb']} MB, reserve {device['reserve_mb']} MB, "
+                     f"available {device['available_mb']} MB")
+    leases = document.get("leases", [])
+    if leases:
+        lease_rows = [("LEASE", "OWNER", "MB", "PRIORITY", "PID", "EXPIRES IN")]
+        lease_rows += [(str(x["id"]), x["owner"], str(x["vram_mb"]), str(x["priority"]), str(x.get("pid") or "-"),
+                        f"{x['expires_in_s']:.0f}s") for x in leases]  # fmt: skip
+        lines += ["", table(lease_rows)]
     lines.append(f"gaming mode: {'on' if document.get('gaming_mode') else 'off'}")
     return "\n".join(lines)
 
@@ -217,6 +249,64 @@ def cmd_unload(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     print(f"{args.model or 'all models'}: unloaded")
     return EXIT_OK
+
+
+def cmd_lease(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("model-supervisor lease: give the command after --", file=sys.stderr)
+        return EXIT_CONFIG
+    owner = args.owner or os.path.basename(command[0])
+    # The lease is tied to this process: if the wrapper is killed outright, the daemon sees it die and releases.
+    body = {"owner": owner, "vram_mb": args.vram_mb, "priority": args.priority, "pid": os.getpid(),
+            "ttl_s": args.ttl_s, "wait_s": args.wait_s}  # fmt: skip
+    try:
+        status, answer = call(args, "POST", "/leases", timeout=args.wait_s + 30, body=body)
+    except Unreachable as exc:
+        print(f"model-supervisor lease: not granted: {exc}", file=sys.stderr)
+        return EXIT_NOT_GRANTED
+    if status != 201:
+        print(f"model-supervisor lease: not granted: {_message(answer)}", file=sys.stderr)
+        return EXIT_NOT_GRANTED
+    lease_id = answer["id"]
+    stop_renewing = threading.Event()
+    renewer = threading.Thread(target=_renew_until, args=(args, lease_id, args.ttl_s / 3, stop_renewing), daemon=True)
+    renewer.start()
+    try:
+        child = subprocess.Popen(command)
+    except OSError as exc:
+        print(f"model-supervisor lease: cannot run {command[0]}: {exc}", file=sys.stderr)
+        _release(args, lease_id, stop_renewing)
+        return 127
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, lambda signum, frame: child.send_signal(signum)) for signum in forwarded}
+    try:
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _release(args, lease_id, stop_renewing)
+    return 128 - code if code < 0 else code  # killed by signal N: 128+N, as a shell reports it
+
+
+def _renew_until(args: argparse.Namespace, lease_id: int, every_s: float, stop: threading.Event) -> None:
+    while not stop.wait(every_s):
+        try:
+            status, answer = call(args, "POST", f"/leases/{lease_id}/renew", timeout=10)
+        except Unreachable as exc:
+            print(f"model-supervisor lease: renewal failed: {exc}", file=sys.stderr)
+            continue
+        if status != 200:
+            print(f"model-supervisor lease: lease {lease_id} lost: {_message(answer)}", file=sys.stderr)
+            return
+
+
+def _release(args: argparse.Namespace, lease_id: int, stop_renewing: threading.Event) -> None:
+    stop_renewing.set()
+    try:
+        call(args, "DELETE", f"/leases/{lease_id}", timeout=10)
+    except Unreachable as exc:  # it expires on its own, or goes when the daemon sees this process exit
+        print(f"model-supervisor lease: release failed: {exc}", file=sys.stderr)
 
 
 def _message(body: Any) -> str:

@@ -93,6 +93,8 @@ class GpuConfig(Section):
     backend: Literal["auto", "nvidia", "amd", "none"] = "auto"
     device: Annotated[int, Field(ge=0)] = 0
     reserve_mb: Annotated[int, Field(ge=0)] = 1024
+    # How often device memory is read (foreign usage, lease holders' growth).
+    poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 2.0
 
 
 class GroupConfig(Section):

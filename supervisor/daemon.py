@@ -13,6 +13,8 @@ from aiohttp import web
 from .api import Api
 from .config import Config, ConfigError, is_loopback
 from .driver import Driver
+from .estimate import LearnedStore
+from .gpu import Probe, open_probe
 from .proxy import Proxy
 
 log = structlog.get_logger("supervisor")
@@ -32,10 +34,11 @@ def check_exposure(config: Config) -> None:
 class Daemon:
     """One running model-supervisor: the HTTP server, the scheduler's owner and its children."""
 
-    def __init__(self, config: Config, binary: str, port: int | None = None):
+    def __init__(self, config: Config, binary: str, port: int | None = None, probe: Probe | None = None):
         self.config = config
         self.binary = binary
         self.port = config.daemon.port if port is None else port
+        self.probe = probe
         self.driver: Driver | None = None
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -53,7 +56,10 @@ class Daemon:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             timeout=aiohttp.ClientTimeout(total=None),
         )
-        self.driver = Driver(self.config, self.binary, self._http)
+        if self.probe is None:
+            self.probe = open_probe(self.config.gpu.backend, self.config.gpu.device)
+        self.driver = Driver(self.config, self.binary, self._http, self.probe, self._state_store())
+        await self.driver.start()
         api = Api(self.config, self.driver, Proxy(self.config, self.driver, self._http))
         # handler_cancellation: a client that disconnects cancels its handler, which cancels the upstream call.
         self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
@@ -63,6 +69,16 @@ class Daemon:
         if self.port == 0:  # tests ask for any free port
             self.port = self._runner.addresses[0][1]
         log.info("daemon_started", url=self.url, models=sorted(self.config.models), llama_server=self.binary)
+
+    def _state_store(self) -> LearnedStore | None:
+        state_dir = self.config.daemon.state_dir
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("state_dir_unusable", state_dir=str(state_dir), error=str(exc),
+                        effect="measured memory figures are not kept across restarts")
+            return None
+        return LearnedStore(state_dir)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), answer queued ones with 503, stop children."""
@@ -76,6 +92,8 @@ class Daemon:
             await self._runner.cleanup()
         if self._http is not None:
             await self._http.close()
+        if self.probe is not None:
+            self.probe.close()
         log.info("daemon_stopped")
 
 

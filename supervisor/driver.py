@@ -12,20 +12,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import psutil
 import structlog
 
 from .config import Config
+from .estimate import LearnedStore, estimate_model
+from .gpu import MemorySnapshot, Probe, ProbeError
 from .process import LlamaServer, LoadError, LogRing, PortPool
 from .scheduler import (
     RESIDENT,
     DropWaiters,
     Event,
     Grant,
+    GrantLease,
+    LeaseEnded,
+    LeaseReleased,
+    LeaseRenewed,
+    LeaseRequested,
+    MemoryMeasured,
+    NeedLearned,
     LoadFailed,
     LoadSucceeded,
     ProcessExited,
@@ -61,25 +73,43 @@ class Ticket:
     port: int
 
 
+@dataclass(frozen=True)
+class LeaseGrant:
+    lease_id: int
+    mb: int
+    expires_at: float  # unix time
+
+
 class Driver:
-    def __init__(self, config: Config, binary: str, http: aiohttp.ClientSession, child_env: dict[str, str] | None = None):
+    def __init__(self, config: Config, binary: str, http: aiohttp.ClientSession, probe: Probe,
+                 learned: LearnedStore | None = None, child_env: dict[str, str] | None = None):
         self.config = config
         self.binary = binary
         self.http = http
+        self.probe = probe
+        self.learned = learned
         self.child_env = child_env
-        self.core = SchedulerCore(config)
+        self.snapshot: MemorySnapshot | None = None
+        self.need_source: dict[str, str] = {}
+        self.core = SchedulerCore(config, self._initial_needs())
         self.ports = PortPool(*config.daemon.port_range)
         self.logs = {name: LogRing(config.daemon.log_lines) for name in config.models}
         self.children: dict[str, LlamaServer] = {}
         self.observers: list[Observer] = []
-        self._pending: dict[int, asyncio.Future[Ticket]] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._holders: dict[int, Callable[[], None]] = {}  # lease id -> stops watching its holder pid
         self._ids = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
         self._changed = asyncio.Event()
         self.closing = False
         self._loop = asyncio.get_running_loop()
+
+    async def start(self) -> None:
+        """Take the first memory reading (so the first placement is budgeted) and keep reading periodically."""
+        self.measure()
+        self._spawn_task(self._poll_memory())
 
     def now(self) -> float:
         return self._loop.time()
@@ -138,6 +168,142 @@ class Driver:
     def _resident(self, names: list[str]) -> list[str]:
         return [n for n in names if self.core.models[n].phase in RESIDENT]
 
+    # ------------------------------------------------------------ leases
+
+    async def request_lease(self, owner: str, mb: int, priority: int, pid: int | None, ttl_s: float,
+                            wait_s: float) -> LeaseGrant:
+        """Wait up to wait_s for mb of device memory. Raises Rejected. Cancelling withdraws the request."""
+        if self.closing:
+            raise Rejected(503, "shutting_down", "the daemon is shutting down", retry_after_s=5)
+        lease_id = next(self._ids)
+        future: asyncio.Future[LeaseGrant] = self._loop.create_future()
+        self._pending[lease_id] = future
+        now = self.now()
+        if pid is not None:
+            self._watch_holder(lease_id, pid)
+        self.dispatch(LeaseRequested(lease_id, owner, mb, priority, pid, ttl_s, now, now + wait_s))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.dispatch(LeaseReleased(lease_id, self.now()))
+            raise
+        except Rejected:
+            self._unwatch_holder(lease_id)
+            raise
+        finally:
+            self._pending.pop(lease_id, None)
+
+    def renew_lease(self, lease_id: int) -> float | None:
+        """Extend a lease by its ttl; its new expiry (unix time), or None if there is no such lease."""
+        if lease_id not in self.core.leases:
+            return None
+        self.dispatch(LeaseRenewed(lease_id, self.now()))
+        return self._wall(self.core.leases[lease_id].expires_at)
+
+    def release_lease(self, lease_id: int) -> bool:
+        if lease_id not in self.core.leases:
+            return False
+        self.dispatch(LeaseReleased(lease_id, self.now()))
+        return True
+
+    def _watch_holder(self, lease_id: int, pid: int) -> None:
+        """Release the lease when its holder exits: a pidfd becomes readable at exit, so this is event-driven."""
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._loop.call_soon(self.dispatch, LeaseReleased(lease_id, self.now(), "holder_died"))
+            return
+        except (OSError, AttributeError):  # no pidfd (old kernel): poll instead
+            task = self._spawn_task(self._poll_holder(lease_id, pid))
+            self._holders[lease_id] = task.cancel
+            return
+
+        def died() -> None:
+            self._unwatch_holder(lease_id)
+            self.dispatch(LeaseReleased(lease_id, self.now(), "holder_died"))
+
+        def stop() -> None:
+            self._loop.remove_reader(fd)
+            os.close(fd)
+
+        self._loop.add_reader(fd, died)
+        self._holders[lease_id] = stop
+
+    async def _poll_holder(self, lease_id: int, pid: int) -> None:
+        while psutil.pid_exists(pid):
+            await asyncio.sleep(0.5)
+        self._holders.pop(lease_id, None)
+        self.dispatch(LeaseReleased(lease_id, self.now(), "holder_died"))
+
+    def _unwatch_holder(self, lease_id: int) -> None:
+        stop = self._holders.pop(lease_id, None)
+        if stop is not None:
+            stop()
+
+    def _wall(self, loop_time: float) -> float:
+        return time.time() + (loop_time - self.now())
+
+    # ------------------------------------------------------------ memory
+
+    def _initial_needs(self) -> dict[str, int]:
+        """Each model's need: vram_mb from the config, else what was measured last time, else the GGUF estimate."""
+        on_gpu = self.probe.name not in ("host",)
+        needs: dict[str, int] = {}
+        for name, model in self.config.models.items():
+            if isinstance(model.vram_mb, int):
+                needs[name], self.need_source[name] = model.vram_mb, "config"
+                continue
+            learned = self.learned.get(name, model.model, list(model.args)) if self.learned else None
+            if learned is not None:
+                needs[name], self.need_source[name] = learned, "learned"
+                continue
+            try:
+                needs[name] = estimate_model(model.model, list(model.args), on_gpu=on_gpu).total_mb
+                self.need_source[name] = "estimate"
+            except Exception as exc:  # an unreadable GGUF fails at load with llama-server's own message
+                log.warning("estimate_failed", model=name, error=str(exc))
+                needs[name], self.need_source[name] = 0, "unknown"
+        return needs
+
+    def measure(self, pids: list[int] | None = None) -> MemorySnapshot | None:
+        """Read the probe and tell the core. A probe error is logged and the last reading stays."""
+        if pids is None:
+            pids = [s.pid for s in self.core.models.values() if s.pid is not None]
+        try:
+            snapshot = self.probe.snapshot(pids)
+        except ProbeError as exc:
+            log.warning("memory_probe_failed", error=str(exc))
+            return None
+        self.snapshot = snapshot
+        self.dispatch(MemoryMeasured(snapshot.total_mb, snapshot.used_mb, self.now(), snapshot.process_mb))
+        return snapshot
+
+    async def _poll_memory(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.gpu.poll_interval_s)
+            self.measure()
+
+    def _learn(self, name: str, pid: int, used_before: int | None, alone: bool) -> None:
+        """After a load: what the child really holds (per-process figure, else the device's growth)."""
+        snapshot = self.measure()
+        if snapshot is None or isinstance(self.config.models[name].vram_mb, int):
+            return
+        if snapshot.process_mb is not None and pid in snapshot.process_mb:
+            measured = snapshot.process_mb[pid]
+        elif used_before is not None and alone:
+            measured = snapshot.used_mb - used_before
+        else:
+            return  # another load overlapped: the device's growth is not this model's alone
+        if measured <= 0:
+            return
+        estimate = self.core.models[name].need_mb
+        log.info("memory_learned", model=name, measured_mb=measured, estimated_mb=estimate)
+        self.need_source[name] = "learned"
+        self.dispatch(NeedLearned(name, measured, self.now()))
+        if self.learned is not None:
+            model = self.config.models[name]
+            self.learned.put(name, model.model, list(model.args), measured)
+
     # ------------------------------------------------------------ the one place state changes
 
     def dispatch(self, event: Event) -> None:
@@ -160,8 +326,20 @@ class Driver:
                 future = self._pending.get(action.request_id)
                 if future is not None and not future.done():
                     future.set_exception(Rejected(action.status, action.code, action.message, action.retry_after_s))
-                log.info("request_rejected", model=action.model, code=action.code, reason=action.message)
+                log.info("request_rejected", model=action.model or None, code=action.code, reason=action.message)
                 self._notify("rejected", {"model": action.model, "code": action.code})
+            case GrantLease():
+                future = self._pending.get(action.lease_id)
+                if future is not None and not future.done():
+                    future.set_result(LeaseGrant(action.lease_id, action.mb, self._wall(action.expires_at)))
+                else:  # its requester left in the same instant: hand the memory straight back
+                    self._loop.call_soon(self.dispatch, LeaseReleased(action.lease_id, self.now()))
+                log.info("lease_granted", lease=action.lease_id, mb=action.mb)
+                self._notify("lease_granted", {"lease": action.lease_id, "mb": action.mb})
+            case LeaseEnded():
+                self._unwatch_holder(action.lease_id)
+                log.info("lease_ended", lease=action.lease_id, owner=action.owner, reason=action.reason)
+                self._notify("lease_ended", {"lease": action.lease_id, "reason": action.reason})
             case StartProcess():
                 self._loading[action.model] = self._spawn_task(self._run_child(action))
             case StopProcess():
@@ -195,6 +373,8 @@ class Driver:
         started = self.now()
         log.info("model_loading", model=name, displaced=list(action.displaced))
         self._notify("starting", {"model": name})
+        used_before = self.snapshot.used_mb if self.snapshot is not None else None
+        alone = len(self._loading) <= 1
         try:
             await server.start(self.ports, self.config.daemon.health_timeout_s)
         except asyncio.CancelledError:
@@ -217,6 +397,7 @@ class Driver:
                      load_ms=round(load_s * 1000))
         self._notify("spawned", {"model": name, "pid": server.pid, "port": server.port})
         self.dispatch(LoadSucceeded(name, action.instance, server.port, server.pid, load_s, self.now()))  # type: ignore[arg-type]
+        self._learn(name, server.pid, used_before, alone and len(self._loading) == 0)  # type: ignore[arg-type]
         code = await server.wait()
         if not server.stopping:
             self.ports.release(server.port)
@@ -270,6 +451,8 @@ class Driver:
         # Whatever is still alive now (a stop that hung) is killed outright.
         for server in list(self.children.values()):
             await server.stop(grace_s=0)
+        for lease_id in list(self._holders):
+            self._unwatch_holder(lease_id)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -287,3 +470,4 @@ class Driver:
 
     def _ms(self, since: float) -> int:
         return round((self.now() - since) * 1000)
+

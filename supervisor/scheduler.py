@@ -11,6 +11,10 @@ Rules (see docs/architecture.md):
   is exclusive). A model with requests in flight is never stopped: new requests for it wait while it drains.
 - A waiting request gives up at its deadline with 503; a failed load answers its waiters at once with the cause.
 - An idle model unloads ``ttl_s`` after its last request finished; 0 means never.
+- Memory: a load or a lease is placed only if it fits the budget (total - reserve - foreign) next to what is
+  resident and leased; otherwise models are stopped to make room (memory.eviction_order), never one with requests
+  in flight (it drains first), never a persistent group's member for another group. A lease displaces only models
+  of lower priority than its own. Leases wait in the same ranked queue as requests.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Literal
 from tenacity import wait_exponential
 
 from .config import Config, GroupConfig, ModelConfig
+from .memory import Budget, Candidate, choose_victims, foreign_usage
 
 
 class Phase(enum.StrEnum):
@@ -34,10 +39,11 @@ class Phase(enum.StrEnum):
 
 
 RESIDENT = (Phase.LOADING, Phase.READY, Phase.UNLOADING)
+ORPHANED = -1  # the instance of a request whose child crashed under it
 
 # Why a model was stopped; used in logs and (later) metrics.
-StopCause = Literal["swap", "ttl", "admin", "shutdown", "crash"]
-WaiterKind = Literal["request", "load"]
+StopCause = Literal["swap", "ttl", "admin", "shutdown", "crash", "memory", "lease"]
+WaiterKind = Literal["request", "load", "lease"]
 
 
 # ---------------------------------------------------------------- events
@@ -122,6 +128,52 @@ class DropWaiters:
 
 
 @dataclass(frozen=True)
+class LeaseRequested:
+    """Memory for a job that is not a model (TTS, image generation). Waits in the queue like a request."""
+
+    lease_id: int
+    owner: str
+    mb: int
+    priority: int
+    pid: int | None
+    ttl_s: float
+    now: float
+    deadline: float
+
+
+@dataclass(frozen=True)
+class LeaseRenewed:
+    lease_id: int
+    now: float
+
+
+@dataclass(frozen=True)
+class LeaseReleased:
+    lease_id: int
+    now: float
+    reason: Literal["released", "expired", "holder_died"] = "released"
+
+
+@dataclass(frozen=True)
+class MemoryMeasured:
+    """A probe reading of the budgeted pool; process_mb is per-pid use where the backend reports it."""
+
+    total_mb: int
+    used_mb: int
+    now: float
+    process_mb: dict[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class NeedLearned:
+    """What a model was measured to hold once loaded; used for its next placement."""
+
+    model: str
+    mb: int
+    now: float
+
+
+@dataclass(frozen=True)
 class Tick:
     now: float
 
@@ -136,6 +188,11 @@ Event = (
     | StopCompleted
     | UnloadRequested
     | DropWaiters
+    | LeaseRequested
+    | LeaseRenewed
+    | LeaseReleased
+    | MemoryMeasured
+    | NeedLearned
     | Tick
 )
 
@@ -176,7 +233,21 @@ class Reject:
     retry_after_s: int
 
 
-Action = StartProcess | StopProcess | Grant | Reject
+@dataclass(frozen=True)
+class GrantLease:
+    lease_id: int
+    mb: int
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class LeaseEnded:
+    lease_id: int
+    owner: str
+    reason: str
+
+
+Action = StartProcess | StopProcess | Grant | Reject | GrantLease | LeaseEnded
 
 
 # ---------------------------------------------------------------- state
@@ -201,16 +272,31 @@ class ModelState:
     unload_requested: bool = False
     displaced: tuple[str, ...] = ()
     swap_started: float | None = None
+    need_mb: int = 0  # what it holds once loaded: config vram_mb, else estimate, else learned
 
 
 @dataclass
 class Waiter:
     request_id: int
-    model: str
+    model: str  # "" for a lease
     arrived: float
     deadline: float
     kind: WaiterKind
     seq: int
+    priority: int
+    lease: LeaseRequested | None = None
+
+
+@dataclass
+class Lease:
+    lease_id: int
+    owner: str
+    mb: int
+    priority: int
+    pid: int | None
+    ttl_s: float
+    granted_at: float
+    expires_at: float
 
 
 @dataclass
@@ -230,6 +316,7 @@ class ModelView:
     available_now: bool
     last_error: str | None
     aliases: list[str] = field(default_factory=list)
+    need_mb: int = 0
 
 
 # Backoff before a failed model is started again: 0.5 s, 1 s, 2 s ... capped at 30 s.
@@ -241,14 +328,18 @@ def restart_delay(failures: int) -> float:
 
 
 class SchedulerCore:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, needs_mb: dict[str, int] | None = None):
         self.queue_timeout_s = config.daemon.queue_timeout_s
+        self.reserve_mb = config.gpu.reserve_mb
         self.models: dict[str, ModelState] = {
-            name: ModelState(name=name, config=model, group=config.group_of(name))
+            name: ModelState(name=name, config=model, group=config.group_of(name), need_mb=(needs_mb or {}).get(name, 0))
             for name, model in config.models.items()
         }
         self.waiters: dict[int, Waiter] = {}
-        self.granted: dict[int, str] = {}  # request id -> model, while in flight
+        self.granted: dict[int, tuple[str, int]] = {}  # request id -> (model, instance), while in flight
+        self.leases: dict[int, Lease] = {}
+        self.budget: Budget | None = None  # None until the first measurement: nothing is limited by memory
+        self._doomed: set[str] = set()  # models a queued placement needs gone (they take no new requests)
         self._seq = 0
 
     # ------------------------------------------------------------ the one entry point
@@ -257,17 +348,18 @@ class SchedulerCore:
         actions: list[Action] = []
         match event:
             case RequestArrived():
-                self._seq += 1
-                self.waiters[event.request_id] = Waiter(
-                    event.request_id, event.model, event.now, event.deadline, event.kind, self._seq
-                )
+                priority = self.models[event.model].config.priority
+                self._enqueue(Waiter(event.request_id, event.model, event.now, event.deadline, event.kind, 0, priority))
+            case LeaseRequested():
+                self._enqueue(Waiter(event.lease_id, "", event.now, event.deadline, "lease", 0, event.priority, event))
             case RequestCancelled():
                 self.waiters.pop(event.request_id, None)
             case RequestFinished():
-                model = self.granted.pop(event.request_id, None)
-                if model is not None:
-                    state = self.models[model]
-                    state.in_flight -= 1
+                granted = self.granted.pop(event.request_id, None)
+                if granted is not None:
+                    state = self.models[granted[0]]
+                    if granted[1] == state.instance:
+                        state.in_flight -= 1  # (requests of a crashed instance were written off at the crash)
                     state.last_used = event.now
             case LoadSucceeded():
                 state = self._current(event.model, event.instance)
@@ -288,11 +380,26 @@ class SchedulerCore:
                     state.phase = Phase.UNLOADED
                     state.port = state.pid = None
                     state.unload_requested = False
+                    self._write_off_requests(state)  # only a forced stop leaves any
             case UnloadRequested():
                 actions += self._unload(event)
             case DropWaiters():
                 for waiter in list(self.waiters.values()):
                     actions.append(self._reject(waiter, 503, "service_unavailable", event.reason, retry_after_s=5))
+            case LeaseRenewed():
+                lease = self.leases.get(event.lease_id)
+                if lease is not None:
+                    lease.expires_at = event.now + lease.ttl_s
+            case LeaseReleased():
+                lease = self.leases.pop(event.lease_id, None)
+                if lease is not None:
+                    actions.append(LeaseEnded(lease.lease_id, lease.owner, event.reason))
+                elif event.lease_id in self.waiters:  # withdrawn while queued
+                    del self.waiters[event.lease_id]
+            case MemoryMeasured():
+                self.budget = self._measure(event)
+            case NeedLearned():
+                self.models[event.model].need_mb = event.mb
             case Tick():
                 pass
         actions += self._schedule(event.now)
@@ -301,8 +408,9 @@ class SchedulerCore:
     # ------------------------------------------------------------ queries
 
     def next_wakeup(self) -> float | None:
-        """The earliest time at which a Tick could change something (a deadline, a TTL, a retry)."""
+        """The earliest time at which a Tick could change something (a deadline, a TTL, a retry, a lease expiry)."""
         times = [w.deadline for w in self.waiters.values()]
+        times += [lease.expires_at for lease in self.leases.values()]
         wanted = {w.model for w in self.waiters.values()}
         for state in self.models.values():
             expiry = self._ttl_expiry(state)
@@ -315,13 +423,17 @@ class SchedulerCore:
     def available_now(self, model: str) -> bool:
         """Would a request for this model arriving now be granted at once?"""
         state = self.models[model]
-        if state.phase is not Phase.READY or state.unload_requested:
-            return False
-        claimed: list[str] = []
-        for waiter in self._ranked():
-            if self._blocked(waiter.model, claimed) is None and waiter.model not in claimed:
-                claimed.append(waiter.model)
-        return self._blocked(model, claimed) is None
+        return state.phase is Phase.READY and not state.unload_requested and model not in self._doomed
+
+    def committed_mb(self) -> tuple[int, int]:
+        """(held by resident models, held by granted leases)."""
+        models = sum(s.need_mb for s in self.models.values() if s.phase in RESIDENT)
+        return models, sum(lease.mb for lease in self.leases.values())
+
+    def free_mb(self) -> int | None:
+        if self.budget is None:
+            return None
+        return self.budget.usable_mb - sum(self.committed_mb())
 
     def views(self, now: float) -> list[ModelView]:
         queued: dict[str, int] = {}
@@ -346,6 +458,7 @@ class SchedulerCore:
                     available_now=self.available_now(state.name),
                     last_error=state.last_error,
                     aliases=list(state.config.aliases),
+                    need_mb=state.need_mb,
                 )
             )
         return views
@@ -354,82 +467,124 @@ class SchedulerCore:
 
     def _schedule(self, now: float) -> list[Action]:
         actions: list[Action] = []
+        for lease in list(self.leases.values()):
+            if lease.expires_at <= now:
+                del self.leases[lease.lease_id]
+                actions.append(LeaseEnded(lease.lease_id, lease.owner, "expired"))
         for waiter in list(self.waiters.values()):
             if waiter.deadline <= now:
-                state = self.models[waiter.model]
-                message = (
-                    f"model {waiter.model!r} was not ready within {self.queue_timeout_s:g} s "
-                    f"(it is {state.phase.value}); retry shortly"
-                )
-                actions.append(self._reject(waiter, 503, "queue_timeout", message, self._retry_after(state)))
+                actions.append(self._timed_out(waiter))
 
-        # Walk the queue in rank order. `claimed` holds the models that higher-ranked waiters want resident:
-        # a lower-ranked waiter may not displace them.
+        # Walk the queue in rank order. `claimed`: models that higher-ranked waiters want resident (a lower-ranked
+        # waiter may not displace them). `doomed`: models a higher-ranked placement needs gone (they drain: no new
+        # requests). Once a placement waits for memory, lower-ranked ones may not take memory before it.
         claimed: list[str] = []
+        doomed: set[str] = set()
+        memory_blocked = False
         for waiter in self._ranked():
+            if waiter.kind == "lease":
+                if memory_blocked:
+                    continue
+                outcome = self._place(None, waiter, claimed, doomed, now, actions)
+                memory_blocked = outcome == "wait"
+                continue
             state = self.models[waiter.model]
-            if self._blocked(waiter.model, claimed) is not None:
+            if state.phase is Phase.READY and not state.unload_requested:
+                if waiter.model not in doomed:
+                    if waiter.model not in claimed:
+                        claimed.append(waiter.model)
+                    actions.append(self._grant(waiter, state))
+                continue
+            if self._group_blocked(state, claimed):
                 continue
             if waiter.model not in claimed:
                 claimed.append(waiter.model)
-            if state.unload_requested:
-                continue  # reloaded once the requested unload completes
-            if state.phase is Phase.READY:
-                actions.append(self._grant(waiter, state))
-            elif state.phase is Phase.FAILED and now < state.retry_at:
+            if state.unload_requested or state.phase in (Phase.LOADING, Phase.UNLOADING):
+                continue  # joins the load, or is started again once the stop completes
+            if state.phase is Phase.FAILED and now < state.retry_at:
                 if waiter.deadline <= state.retry_at:
                     # It would time out before the next attempt: tell the client why now, not in 30 s.
                     message = f"model {state.name!r} failed: {state.last_error}; next start in {state.retry_at - now:.1f} s"
                     actions.append(self._reject(waiter, 503, "model_failed", message, self._retry_after(state)))
-            elif state.phase in (Phase.UNLOADED, Phase.FAILED):
-                actions += self._make_room_and_start(state, now)
+                continue
+            if memory_blocked:
+                continue
+            memory_blocked = self._place(state, waiter, claimed, doomed, now, actions) == "wait"
 
+        self._doomed = doomed
         actions += self._expire_idle(now)
         return actions
 
-    def _make_room_and_start(self, state: ModelState, now: float) -> list[Action]:
-        actions: list[Action] = []
-        displaced = [other for other in self._resident() if self._displaces(state, other)]
-        waiting_on = False
-        for other in displaced:
-            if other.phase is Phase.UNLOADING:
-                waiting_on = True
-            elif other.in_flight > 0:
-                waiting_on = True  # drains first: no new grants, see _blocked
-            else:
-                # Idle (or still loading for nobody): stop it now.
-                actions.append(self._stop(other, "swap"))
-                waiting_on = True
-        if waiting_on:
-            state.displaced = tuple(sorted({*state.displaced, *(o.name for o in displaced)}))
-            if state.swap_started is None:
-                state.swap_started = now
-            return actions
-        state.phase = Phase.LOADING
-        state.instance += 1
-        state.load_started = now
-        actions.append(StartProcess(state.name, state.instance, state.displaced, state.swap_started))
-        state.displaced, state.swap_started = (), None
-        return actions
+    def _place(self, state: ModelState | None, waiter: Waiter, claimed: list[str], doomed: set[str], now: float,
+               actions: list[Action]) -> Literal["placed", "wait", "waiting_for_group", "rejected"]:
+        """Make room for a model load (state) or a lease (state None), and place it once there is room."""
+        lease = waiter.lease
+        need = state.need_mb if state is not None else lease.mb  # type: ignore[union-attr]
+        group_victims = [] if state is None else [o for o in self._resident() if self._displaces(state, o)]
+        memory_victims: list[ModelState] = []
+        if self.budget is not None:
+            if need > self.budget.usable_mb:
+                what = f"model {state.name!r}" if state is not None else f"lease for {lease.owner!r}"  # type: ignore[union-attr]
+                message = (f"{what} needs {need} MB but only {self.budget.usable_mb} MB are usable "
+                           f"(total {self.budget.total_mb}, reserve {self.budget.reserve_mb}, "
+                           f"used by other programs {self.budget.foreign_mb})")  # fmt: skip
+                actions.append(self._reject(waiter, 503, "insufficient_memory", message, retry_after_s=10))
+                return "rejected"
+            # What is already on its way out (unloading, or displaced by the group rules) will be free soon.
+            leaving = {o.name: o.need_mb for o in self._resident() if o.phase is Phase.UNLOADING or o in group_victims}
+            deficit = need - (self.free_mb() or 0) - sum(leaving.values())
+            if deficit > 0:
+                chosen = choose_victims(deficit, self._candidates(state, waiter, claimed, group_victims))
+                if chosen is None:
+                    return "wait"  # nothing we may stop frees enough: wait for leases, drains or other programs
+                memory_victims = [self.models[c.name] for c in chosen]
+        victims = group_victims + memory_victims
+        for victim in victims:
+            doomed.add(victim.name)
+            if victim.phase is Phase.LOADING or (victim.phase is Phase.READY and not victim.in_flight):
+                cause: StopCause = "swap" if victim in group_victims else ("lease" if state is None else "memory")
+                actions.append(self._stop(victim, cause))
+        if victims:
+            if state is not None:
+                state.displaced = tuple(sorted({*state.displaced, *(v.name for v in victims)}))
+                if state.swap_started is None:
+                    state.swap_started = now
+            return "wait" if memory_victims else "waiting_for_group"
+        if self.budget is not None and (self.free_mb() or 0) < need:
+            return "wait"  # room is promised by models still unloading
+        if state is None:
+            actions.append(self._grant_lease(waiter, now))
+        else:
+            actions.append(self._start(state, now))
+        return "placed"
 
-    def _blocked(self, model: str, claimed: list[str]) -> str | None:
-        """The claimed model that keeps `model` from being served now, if any."""
-        state = self.models[model]
-        for name in claimed:
-            if name == model:
+    def _candidates(self, state: ModelState | None, waiter: Waiter, claimed: list[str],
+                    already: list[ModelState]) -> list[Candidate]:
+        """Resident models that may be stopped to free memory for this placement."""
+        out = []
+        for other in self._resident():
+            if other.phase is Phase.UNLOADING or other.name in claimed or other in already or other is state:
                 continue
+            if state is None:  # a lease displaces only what matters less than it does, and no persistent model
+                if other.group.persistent or other.config.priority >= waiter.priority:
+                    continue
+            elif other.group.persistent and other.config.group != state.config.group:
+                continue
+            out.append(Candidate(other.name, other.need_mb, other.config.priority, other.last_used,
+                                 busy=other.in_flight > 0 or other.phase is Phase.LOADING))  # fmt: skip
+        return out
+
+    def _group_blocked(self, state: ModelState, claimed: list[str]) -> bool:
+        """Would loading this model displace a claimed one, or be displaced by a claimed one still to load?"""
+        for name in claimed:
             other = self.models[name]
-            if state.phase is Phase.READY and not state.unload_requested:
-                # Already resident: only a claimed model that still has to load (and would displace this one)
-                # stands in the way. That is what makes a busy model drain before a swap.
-                if other.phase is not Phase.READY and self._displaces(other, state):
-                    return name
-            else:
-                if self._displaces(state, other):
-                    return name
-                if other.phase is not Phase.READY and self._displaces(other, state):
-                    return name
-        return None
+            if name == state.name:
+                continue
+            if self._displaces(state, other):
+                return True
+            if other.phase is not Phase.READY and self._displaces(other, state):
+                return True
+        return False
 
     def _displaces(self, loading: ModelState, other: ModelState) -> bool:
         """Must `other` be stopped before `loading` may load? (the group rules of API.md)"""
@@ -438,6 +593,13 @@ class SchedulerCore:
         if loading.config.group == other.config.group:
             return loading.group.swap
         return loading.group.exclusive and not other.group.persistent
+
+    def _measure(self, event: MemoryMeasured) -> Budget:
+        models_mb, leases_mb = self.committed_mb()
+        model_pids = [s.pid for s in self.models.values() if s.pid is not None]
+        lease_pids = {lease.pid: lease.mb for lease in self.leases.values() if lease.pid is not None}
+        foreign = foreign_usage(event.used_mb, models_mb + leases_mb, event.process_mb, model_pids, lease_pids)
+        return Budget(event.total_mb, event.used_mb, self.reserve_mb, foreign)
 
     def _expire_idle(self, now: float) -> list[Action]:
         wanted = {w.model for w in self.waiters.values()}
@@ -470,6 +632,7 @@ class SchedulerCore:
         state.retry_at = now + restart_delay(state.failures)
         state.last_error = error
         state.unload_requested = False
+        self._write_off_requests(state)
         if not during_load:
             return []  # a crash: requests wait for (and trigger) the restart
         # Whoever waited for this load gets the cause now rather than a timeout later.
@@ -482,8 +645,20 @@ class SchedulerCore:
 
     # ------------------------------------------------------------ helpers
 
+    def _write_off_requests(self, state: ModelState) -> None:
+        """The child is gone: its requests fail with it and no longer hold the model; a restart starts with none."""
+        state.in_flight = 0
+        for request_id, (model, _) in self.granted.items():
+            if model == state.name:
+                self.granted[request_id] = (model, ORPHANED)
+
+    def _enqueue(self, waiter: Waiter) -> None:
+        self._seq += 1
+        waiter.seq = self._seq
+        self.waiters[waiter.request_id] = waiter
+
     def _ranked(self) -> list[Waiter]:
-        return sorted(self.waiters.values(), key=lambda w: (-self.models[w.model].config.priority, w.seq))
+        return sorted(self.waiters.values(), key=lambda w: (-w.priority, w.seq))
 
     def _resident(self) -> list[ModelState]:
         return [s for s in self.models.values() if s.phase in RESIDENT]
@@ -502,12 +677,40 @@ class SchedulerCore:
         expected = state.last_load_s or 1.0
         return max(1, min(10, round(expected + 0.5)))
 
+    def _timed_out(self, waiter: Waiter) -> Reject:
+        if waiter.kind == "lease":
+            lease = waiter.lease
+            message = (f"lease of {lease.mb} MB for {lease.owner!r} was not granted within its wait "  # type: ignore[union-attr]
+                       f"(free now: {self.free_mb()} MB)")
+            return self._reject(waiter, 503, "lease_timeout", message, retry_after_s=5)
+        state = self.models[waiter.model]
+        message = (f"model {waiter.model!r} was not ready within {self.queue_timeout_s:g} s "
+                   f"(it is {state.phase.value}); retry shortly")  # fmt: skip
+        return self._reject(waiter, 503, "queue_timeout", message, self._retry_after(state))
+
+    def _start(self, state: ModelState, now: float) -> StartProcess:
+        state.phase = Phase.LOADING
+        state.instance += 1
+        state.load_started = now
+        action = StartProcess(state.name, state.instance, state.displaced, state.swap_started)
+        state.displaced, state.swap_started = (), None
+        return action
+
     def _grant(self, waiter: Waiter, state: ModelState) -> Grant:
         del self.waiters[waiter.request_id]
-        self.granted[waiter.request_id] = state.name
+        self.granted[waiter.request_id] = (state.name, state.instance)
         state.in_flight += 1
         assert state.port is not None
         return Grant(waiter.request_id, state.name, state.port)
+
+    def _grant_lease(self, waiter: Waiter, now: float) -> GrantLease:
+        request = waiter.lease
+        assert request is not None
+        del self.waiters[waiter.request_id]
+        lease = Lease(request.lease_id, request.owner, request.mb, request.priority, request.pid, request.ttl_s,
+                      granted_at=now, expires_at=now + request.ttl_s)  # fmt: skip
+        self.leases[lease.lease_id] = lease
+        return GrantLease(lease.lease_id, lease.mb, lease.expires_at)
 
     def _reject(self, waiter: Waiter, status: int, code: str, message: str, retry_after_s: int) -> Reject:
         self.waiters.pop(waiter.request_id, None)

@@ -11,6 +11,7 @@ that the real llama.cpp `llama-server` loads and generates (gibberish) text from
 
 The weights are shaped so that the model never samples a special, control or byte token: generation runs
 exactly to the requested n_predict / max_tokens (or the context size) and the text is always valid UTF-8.
+The file declares mean pooling, so `llama-server --embeddings` also serves /v1/embeddings.
 """
 
 from __future__ import annotations
@@ -189,6 +190,9 @@ def write_test_model(path, *, seed: int = 0, n_layers: int = 2, n_embd: int = 64
         w.add_rope_dimension_count(n_embd // n_head)  # llama.cpp requires n_rot == head size for llama
         w.add_rope_freq_base(10000.0)
         w.add_layer_norm_rms_eps(1e-5)
+        # Without a pooling type `llama-server --embeddings` rejects /v1/embeddings ("pooling type 'none'");
+        # with it, --embeddings alone suffices. Generation is unaffected.
+        w.add_pooling_type(gguf.PoolingType.MEAN)
 
         w.add_tokenizer_model("llama")  # SentencePiece (SPM) with byte fallback
         w.add_token_list(tokens)

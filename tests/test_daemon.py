@@ -85,8 +85,8 @@ async def test_concurrent_requests_for_a_cold_model_cause_one_load(start_daemon,
 async def test_streaming_request_holds_off_a_swap_until_it_finishes(start_daemon, tiny_models):
     models = swap_pair(tiny_models)
     models["a"]["args"] = ["-c", "8192"]
-    d = await start_daemon(models, SWAP_GROUP)
-    body = {"model": "a", "stream": True, "max_tokens": 3000, "messages": [{"role": "user", "content": "go"}]}
+    d = await start_daemon(models, SWAP_GROUP, queue_timeout_s=300)  # b waits for the whole stream, however slow
+    body = {"model": "a", "stream": True, "max_tokens": 1500, "messages": [{"role": "user", "content": "go"}]}
     async with d.http.post(f"{d.url}/v1/chat/completions", json=body) as stream:
         assert stream.status == 200
         assert stream.headers["Content-Type"].startswith("text/event-stream")
@@ -104,7 +104,7 @@ async def test_streaming_request_holds_off_a_swap_until_it_finishes(start_daemon
                 assert d.state("b") == "unloaded"
         finished_stream = time.monotonic()
         assert line.strip() == b"" or b"[DONE]" in line
-    assert chunks > 1000
+    assert chunks > 500
     status, answer, _ = await b_request
     assert status == 200 and answer["model"] == "b"
     stop_of_a = next(t for kind, f, t in d.timeline.entries if kind == "stopped" and f["model"] == "a")

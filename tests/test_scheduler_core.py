@@ -8,6 +8,13 @@ from supervisor.config import parse_config
 from supervisor.scheduler import (
     DropWaiters,
     Grant,
+    GrantLease,
+    LeaseEnded,
+    LeaseReleased,
+    LeaseRenewed,
+    LeaseRequested,
+    MemoryMeasured,
+    NeedLearned,
     LoadFailed,
     LoadSucceeded,
     Phase,
@@ -29,15 +36,17 @@ from supervisor.scheduler import (
 class Sim:
     """Drives a SchedulerCore the way the driver would, with a hand-moved clock."""
 
-    def __init__(self, models: dict, groups: dict | None = None, queue_timeout_s: float = 30):
+    def __init__(self, models: dict, groups: dict | None = None, queue_timeout_s: float = 30,
+                 needs: dict[str, int] | None = None, reserve_mb: int = 0):
         config = parse_config(
             {
                 "daemon": {"queue_timeout_s": queue_timeout_s},
+                "gpu": {"reserve_mb": reserve_mb},
                 "groups": groups or {},
                 "models": {name: {"model": f"/m/{name}.gguf", **spec} for name, spec in models.items()},
             }
         )
-        self.core = SchedulerCore(config)
+        self.core = SchedulerCore(config, needs)
         self.now = 0.0
         self.next_id = 0
         self.log: list = []
@@ -66,6 +75,23 @@ class Sim:
         self.now += seconds
         return self.send(Tick(self.now))
 
+    def measure(self, total_mb: int, used_mb: int = 0, process_mb: dict | None = None) -> list:
+        return self.send(MemoryMeasured(total_mb, used_mb, self.now, process_mb))
+
+    def lease(self, mb: int, priority: int = 50, owner: str = "tts", wait_s: float = 10, ttl_s: float = 60,
+              pid: int | None = None) -> tuple[int, list]:
+        self.next_id += 1
+        event = LeaseRequested(self.next_id, owner, mb, priority, pid, ttl_s, self.now, self.now + wait_s)
+        return self.next_id, self.send(event)
+
+    def serve(self, model: str) -> int:
+        """Request, load if needed, and finish: leaves the model idle and resident."""
+        request_id, actions = self.request(model)
+        if not any(isinstance(a, Grant) for a in actions):
+            self.loaded(model)
+        self.finish(request_id)
+        return request_id
+
     def phase(self, model: str) -> Phase:
         return self.core.models[model].phase
 
@@ -81,6 +107,10 @@ def kinds(actions: list) -> list[tuple]:
             out.append(("grant", a.request_id, a.model))
         elif isinstance(a, Reject):
             out.append(("reject", a.request_id, a.code))
+        elif isinstance(a, GrantLease):
+            out.append(("lease", a.lease_id))
+        elif isinstance(a, LeaseEnded):
+            out.append(("lease_ended", a.lease_id, a.reason))
     return out
 
 
@@ -322,3 +352,170 @@ def test_views_report_state_queue_and_ttl():
     sim.loaded("a")
     (view,) = sim.core.views(sim.now)
     assert (view.state, view.in_flight, view.available_now, view.last_load_ms) == ("ready", 1, True, 50)
+
+
+# ---------------------------------------------------------------- memory and leases
+
+INDEPENDENT = {"x": {"swap": True, "exclusive": False}, "y": {"swap": True, "exclusive": False},
+               "z": {"swap": True, "exclusive": False}}  # fmt: skip
+THREE = {"p": {"group": "x"}, "q": {"group": "y", "priority": 5}, "r": {"group": "z"}}
+
+
+def memory_sim(total_mb: int = 10_000, **kwargs) -> Sim:
+    sim = Sim(kwargs.pop("models", THREE), kwargs.pop("groups", INDEPENDENT),
+              needs=kwargs.pop("needs", {"p": 4000, "q": 4000, "r": 4000}), **kwargs)  # fmt: skip
+    sim.measure(total_mb)
+    return sim
+
+
+def test_loads_that_fit_run_side_by_side():
+    sim = memory_sim()
+    sim.serve("p")
+    sim.serve("q")
+    assert sim.phase("p") is sim.phase("q") is Phase.READY
+    assert sim.core.free_mb() == 2000
+
+
+def test_a_load_that_does_not_fit_stops_the_lowest_priority_idle_model_first():
+    sim = memory_sim()
+    sim.serve("q")  # priority 5
+    sim.serve("p")  # priority 0, used after q
+    r, actions = sim.request("r")
+    assert kinds(actions) == [("stop", "p", "memory")]
+    assert kinds(sim.stopped("p")) == [("start", "r")]
+
+
+def test_among_equal_priorities_the_least_recently_used_goes():
+    sim = memory_sim(models={"p": {"group": "x"}, "q": {"group": "y"}, "r": {"group": "z"}})
+    sim.serve("p")
+    sim.now += 1
+    sim.serve("q")
+    sim.now += 1
+    sim.serve("p")  # p is now the most recent
+    r, actions = sim.request("r")
+    assert kinds(actions) == [("stop", "q", "memory")]
+
+
+def test_a_busy_model_is_never_stopped_for_memory_it_drains_first():
+    sim = memory_sim(needs={"p": 6000, "q": 6000, "r": 6000})
+    busy, _ = sim.request("p")
+    sim.loaded("p")
+    r, actions = sim.request("r")
+    assert actions == []
+    p2, actions = sim.request("p")
+    assert actions == []  # p drains for r: it takes no new requests meanwhile
+    assert not sim.core.available_now("p")
+    assert kinds(sim.finish(busy)) == [("stop", "p", "memory")]
+    assert kinds(sim.stopped("p")) == [("start", "r")]
+
+
+def test_a_persistent_member_of_another_group_is_never_stopped_for_memory():
+    groups = {**INDEPENDENT, "x": {"swap": True, "exclusive": False, "persistent": True}}
+    sim = memory_sim(groups=groups, needs={"p": 6000, "q": 6000, "r": 6000})
+    sim.serve("p")
+    r, actions = sim.request("r")
+    assert actions == []  # waits: nothing it may stop would make room
+    assert sim.advance(31) and kinds(sim.log[-1:]) == [("reject", r, "queue_timeout")]
+    assert sim.phase("p") is Phase.READY
+
+
+def test_a_model_that_can_never_fit_is_refused_at_once_with_the_numbers():
+    sim = memory_sim(total_mb=8000, reserve_mb=1000, needs={"p": 7500, "q": 10, "r": 10})
+    r, actions = sim.request("p")
+    assert kinds(actions) == [("reject", r, "insufficient_memory")]
+    assert "7500 MB" in actions[0].message and "7000 MB are usable" in actions[0].message
+
+
+def test_memory_used_by_other_programs_shrinks_the_budget():
+    sim = memory_sim()
+    sim.serve("p")
+    # 3000 MB appear that are not ours (a game, say): 4000 (p) + 3000 foreign of 10000 used.
+    sim.measure(10_000, used_mb=7000)
+    assert sim.core.budget.foreign_mb == 3000
+    q, actions = sim.request("q")
+    assert kinds(actions) == [("stop", "p", "memory")]
+
+
+def test_per_process_figures_attribute_usage_to_our_children():
+    sim = memory_sim()
+    sim.serve("p")
+    pid = sim.core.models["p"].pid
+    sim.measure(10_000, used_mb=5000, process_mb={pid: 4500, 999: 500})
+    assert sim.core.budget.foreign_mb == 500
+
+
+def test_a_lease_is_granted_at_once_when_memory_is_free_and_counts_against_loads():
+    sim = memory_sim()
+    lease, actions = sim.lease(7000)
+    assert kinds(actions) == [("lease", lease)]
+    p, actions = sim.request("p")
+    assert actions == []  # 4000 does not fit next to the lease, and a lease is never evicted
+    assert kinds(sim.send(LeaseReleased(lease, sim.now))) == [("lease_ended", lease, "released"), ("start", "p")]
+
+
+def test_a_lease_displaces_idle_models_of_lower_priority_only():
+    sim = memory_sim()
+    sim.serve("p")  # priority 0
+    sim.serve("q")  # priority 5
+    lease, actions = sim.lease(5000, priority=3)
+    assert kinds(actions) == [("stop", "p", "lease")]
+    assert kinds(sim.stopped("p")) == [("lease", lease)]
+    assert sim.phase("q") is Phase.READY
+
+
+def test_a_lease_blocked_by_an_in_flight_request_is_granted_when_it_finishes():
+    sim = memory_sim(needs={"p": 8000, "q": 1, "r": 1})
+    busy, _ = sim.request("p")
+    sim.loaded("p")
+    lease, actions = sim.lease(5000)
+    assert actions == []
+    assert kinds(sim.finish(busy)) == [("stop", "p", "lease")]
+    assert kinds(sim.stopped("p")) == [("lease", lease)]
+
+
+def test_a_lease_that_cannot_be_placed_in_time_gets_503():
+    sim = memory_sim()
+    sim.serve("q")  # priority 5: a priority-1 lease may not displace it
+    sim.serve("p")
+    lease, actions = sim.lease(9000, priority=1, wait_s=2)
+    # Stopping p (priority 0) alone would not make 9000 MB, and q may not be displaced: nothing is stopped in vain.
+    assert actions == []
+    assert kinds(sim.advance(2)) == [("reject", lease, "lease_timeout")]
+    assert sim.phase("p") is sim.phase("q") is Phase.READY
+
+
+def test_queued_leases_are_served_in_priority_order():
+    sim = memory_sim()
+    first, _ = sim.lease(8000)
+    low, actions = sim.lease(6000, priority=1)
+    high, actions = sim.lease(6000, priority=90)
+    assert actions == []
+    assert kinds(sim.send(LeaseReleased(first, sim.now))) == [("lease_ended", first, "released"), ("lease", high)]
+
+
+def test_a_lease_expires_unless_renewed():
+    sim = memory_sim()
+    lease, _ = sim.lease(1000, ttl_s=10)
+    sim.advance(8)
+    sim.send(LeaseRenewed(lease, sim.now))
+    assert sim.advance(9) == []
+    assert kinds(sim.advance(1)) == [("lease_ended", lease, "expired")]
+    assert sim.core.leases == {}
+
+
+def test_a_waiting_load_holds_its_place_against_later_smaller_loads():
+    sim = memory_sim(needs={"p": 7000, "q": 2000, "r": 2000})
+    lease, _ = sim.lease(5000)
+    p, actions = sim.request("p")  # needs 7000: waits for the lease
+    r, actions = sim.request("r")  # 2000 would fit now, but would take memory p is waiting for
+    assert actions == []
+    ended = sim.send(LeaseReleased(lease, sim.now))
+    assert kinds(ended) == [("lease_ended", lease, "released"), ("start", "p"), ("start", "r")]
+
+
+def test_learned_need_replaces_the_estimate():
+    sim = memory_sim()
+    sim.send(NeedLearned("p", 9000, sim.now))
+    sim.serve("q")
+    p, actions = sim.request("p")
+    assert kinds(actions) == [("stop", "q", "memory")]

@@ -10,7 +10,12 @@ from supervisor.config import parse_config
 from supervisor.scheduler import (
     RESIDENT,
     Grant,
+    GrantLease,
+    LeaseEnded,
+    LeaseReleased,
+    LeaseRequested,
     LoadFailed,
+    MemoryMeasured,
     LoadSucceeded,
     Phase,
     ProcessExited,
@@ -46,7 +51,10 @@ CONFIG = parse_config({
 class SchedulerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.core = SchedulerCore(CONFIG)
+        self.core = SchedulerCore(CONFIG, {"a": 5000, "b": 5000, "c": 3000, "e": 2000})
+        self.core.handle(MemoryMeasured(total_mb=11_000, used_mb=0, now=0.0))  # reserve 1024: 9976 usable
+        self.leases: set[int] = set()
+        self.orphaned: set[int] = set()
         self.now = 0.0
         self.ids = 0
         self.answers: dict[int, str] = {}  # request id -> "grant" | "reject"
@@ -65,6 +73,13 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.answers[action.request_id] = "grant"
                     self.waiting.discard(action.request_id)
                     self.granted[action.request_id] = action.model
+                case GrantLease():
+                    assert action.lease_id not in self.answers, "answered twice"
+                    self.answers[action.lease_id] = "lease"
+                    self.waiting.discard(action.lease_id)
+                    self.leases.add(action.lease_id)
+                case LeaseEnded():
+                    self.leases.discard(action.lease_id)
                 case Reject():
                     assert action.request_id not in self.answers, "answered twice"
                     self.answers[action.request_id] = "reject"
@@ -73,7 +88,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                     assert action.model not in self.starting and action.model not in self.stopping
                     self.starting[action.model] = action.instance
                 case StopProcess():
-                    busy = sum(1 for m in self.granted.values() if m == action.model)
+                    busy = sum(1 for r, m in self.granted.items() if m == action.model and r not in self.orphaned)
                     assert busy == 0 or self.forced, f"{action.model} stopped with {busy} requests in flight"
                     self.starting.pop(action.model, None)
                     self.stopping[action.model] = action.instance
@@ -83,6 +98,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.ids += 1
         self.waiting.add(self.ids)
         self.apply(RequestArrived(self.ids, model, self.now, self.now + 5))
+
+    @rule(mb=st.sampled_from([1000, 3000, 6000, 12000]), priority=st.sampled_from([-1, 1, 10]))
+    def lease(self, mb, priority):
+        self.ids += 1
+        self.waiting.add(self.ids)
+        self.apply(LeaseRequested(self.ids, "job", mb, priority, None, 4, self.now, self.now + 5))
+
+    @precondition(lambda self: self.leases)
+    @rule(data=st.data())
+    def release_lease(self, data):
+        lease_id = data.draw(st.sampled_from(sorted(self.leases)))
+        self.apply(LeaseReleased(lease_id, self.now))
 
     @precondition(lambda self: self.granted)
     @rule(data=st.data())
@@ -113,6 +140,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def stop_done(self, data):
         model = data.draw(st.sampled_from(sorted(self.stopping)))
+        # Whatever a (forced) stop cut off still finishes, with an error, but holds nothing any more.
+        self.orphaned |= {r for r, m in self.granted.items() if m == model}
         self.apply(StopCompleted(model, self.stopping.pop(model), self.now))
 
     @rule(model=st.sampled_from(MODELS))
@@ -120,6 +149,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         state = self.core.models[model]
         if state.phase is Phase.READY and model not in self.stopping:
             self.apply(ProcessExited(model, state.instance, "crash", self.now))
+            # Its requests fail with it: they still finish (with an error) but no longer hold the model.
+            self.orphaned |= {rid for rid, m in self.granted.items() if m == model}
 
     @rule(model=st.sampled_from([*MODELS, None]), force=st.booleans())
     def unload(self, model, force):
@@ -136,9 +167,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert len(resident) <= 1, resident
 
     @invariant()
+    def memory_committed_never_exceeds_the_budget(self):
+        models_mb, leases_mb = self.core.committed_mb()
+        assert models_mb + leases_mb <= self.core.budget.usable_mb, (models_mb, leases_mb)
+
+    @invariant()
     def in_flight_matches_what_was_granted(self):
         for name, state in self.core.models.items():
-            assert state.in_flight == sum(1 for m in self.granted.values() if m == name)
+            assert state.in_flight == sum(1 for r, m in self.granted.items() if m == name and r not in self.orphaned)
 
     @invariant()
     def persistent_model_is_only_stopped_by_ttl_admin_or_crash(self):
@@ -160,9 +196,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             elif self.stopping:
                 model, instance = next(iter(self.stopping.items()))
                 del self.stopping[model]
+                self.orphaned |= {r for r, m in self.granted.items() if m == model}
                 self.apply(StopCompleted(model, instance, self.now))
             elif self.granted:
                 self.apply(RequestFinished(self.granted.popitem()[0], self.now))
+            elif self.leases:
+                self.apply(LeaseReleased(next(iter(self.leases)), self.now))
             else:
                 self.now += 40
                 self.apply(Tick(self.now))

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import socket
@@ -69,27 +70,37 @@ def post(url: str, body: dict) -> dict:
         return json.load(resp)
 
 
+@contextlib.contextmanager
+def llama_server(binary: str, model, tmp_path, *flags: str):
+    """Run llama-server on a free port until /health is 200; yields the base URL and always kills it."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / f"server-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([binary, "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+                                 "-c", "512", "--alias", "test", *flags], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, log_path.read_text(errors="replace")
+                try:
+                    with urllib.request.urlopen(base + "/health", timeout=1) as resp:
+                        if resp.status == 200:
+                            break
+                except (urllib.error.URLError, ConnectionError):
+                    pass  # not listening yet, or 503 while loading
+                assert time.monotonic() < deadline, "llama-server did not become healthy"
+                time.sleep(0.01)
+            yield base
+        finally:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.llama
 def test_llama_server_loads_and_chats(tmp_path, llama_server_bin):
     model = write_test_model(tmp_path / "m.gguf", seed=5)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([llama_server_bin, "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-                             "-c", "512", "--alias", "test"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text(errors="replace")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass  # not listening yet, or 503 while loading
-            assert time.monotonic() < deadline, "llama-server did not become healthy"
-            time.sleep(0.01)
-
+    with llama_server(llama_server_bin, model, tmp_path) as base:
         chat = post(base + "/v1/chat/completions",
                     {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8})
         assert chat["choices"][0]["message"]["content"].strip()
@@ -98,7 +109,11 @@ def test_llama_server_loads_and_chats(tmp_path, llama_server_bin):
 
         completion = post(base + "/v1/completions", {"prompt": "the cat", "max_tokens": 5})
         assert completion["choices"][0]["text"].strip()
-    finally:
-        proc.kill()
-        proc.wait()
-        log.close()
+
+
+@pytest.mark.llama
+def test_llama_server_embeddings(tmp_path, llama_server_bin):
+    model = write_test_model(tmp_path / "m.gguf", seed=6)
+    with llama_server(llama_server_bin, model, tmp_path, "--embeddings") as base:
+        emb = post(base + "/v1/embeddings", {"input": ["hello world", "the cat"]})
+        assert [len(d["embedding"]) for d in emb["data"]] == [64, 64]
