@@ -15,6 +15,11 @@ Rules (see docs/architecture.md):
   resident and leased; otherwise models are stopped to make room (memory.eviction_order), never one with requests
   in flight (it drains first), never a persistent group's member for another group. A lease displaces only models
   of lower priority than its own. Leases wait in the same ranked queue as requests.
+- Cloud fallback: a request whose model has a ``fallback`` (and is not local-only, nor asked to stay local) waits
+  ``fallback_after_ms`` for it, then goes to the cloud. Its place in the queue stays behind, detached, so the
+  load or swap it started goes on and the next request finds the model ready.
+- Gaming mode: models not ``allow_in_gaming`` drain and stop, and are not loaded again; their requests go to the
+  cloud or get 503, unless they force it (X-Force-Big).
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ RESIDENT = (Phase.LOADING, Phase.READY, Phase.UNLOADING)
 ORPHANED = -1  # the instance of a request whose child crashed under it
 
 # Why a model was stopped; used in logs and (later) metrics.
-StopCause = Literal["swap", "ttl", "admin", "shutdown", "crash", "memory", "lease"]
+StopCause = Literal["swap", "ttl", "admin", "shutdown", "crash", "memory", "lease", "gaming"]
+Route = Literal["local", "queued", "cloud", "rejected"]
 WaiterKind = Literal["request", "load", "lease"]
 
 
@@ -56,6 +62,8 @@ class RequestArrived:
     now: float
     deadline: float
     kind: WaiterKind = "request"
+    local_only: bool = False  # X-Local-Only: never the cloud
+    force: bool = False  # X-Force-Big: may load in gaming mode
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,12 @@ class NeedLearned:
 
 
 @dataclass(frozen=True)
+class GamingChanged:
+    enabled: bool
+    now: float
+
+
+@dataclass(frozen=True)
 class Tick:
     now: float
 
@@ -193,6 +207,7 @@ Event = (
     | LeaseReleased
     | MemoryMeasured
     | NeedLearned
+    | GamingChanged
     | Tick
 )
 
@@ -234,6 +249,16 @@ class Reject:
 
 
 @dataclass(frozen=True)
+class Fallback:
+    """Send this request to a cloud target instead; reason says why the local model could not serve it."""
+
+    request_id: int
+    model: str
+    target: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class GrantLease:
     lease_id: int
     mb: int
@@ -247,7 +272,7 @@ class LeaseEnded:
     reason: str
 
 
-Action = StartProcess | StopProcess | Grant | Reject | GrantLease | LeaseEnded
+Action = StartProcess | StopProcess | Grant | Reject | Fallback | GrantLease | LeaseEnded
 
 
 # ---------------------------------------------------------------- state
@@ -285,6 +310,9 @@ class Waiter:
     seq: int
     priority: int
     lease: LeaseRequested | None = None
+    fallback_at: float | None = None  # when it goes to the cloud if still waiting; None: never
+    force: bool = False
+    detached: bool = False  # answered from the cloud; stays only to keep its claim on the model
 
 
 @dataclass
@@ -317,7 +345,12 @@ class ModelView:
     last_error: str | None
     aliases: list[str] = field(default_factory=list)
     need_mb: int = 0
+    eta_ms: int | None = None
+    route: Route = "queued"
 
+
+# What stopping a model takes, for ETAs (SIGTERM to exit is milliseconds for llama-server).
+STOP_ESTIMATE_S = 0.2
 
 # Backoff before a failed model is started again: 0.5 s, 1 s, 2 s ... capped at 30 s.
 RESTART_BACKOFF = wait_exponential(multiplier=0.5, max=30)
@@ -340,6 +373,8 @@ class SchedulerCore:
         self.leases: dict[int, Lease] = {}
         self.budget: Budget | None = None  # None until the first measurement: nothing is limited by memory
         self._doomed: set[str] = set()  # models a queued placement needs gone (they take no new requests)
+        self._short_of_memory: set[str] = set()  # models whose placement waits for memory
+        self.gaming = False
         self._seq = 0
 
     # ------------------------------------------------------------ the one entry point
@@ -348,8 +383,12 @@ class SchedulerCore:
         actions: list[Action] = []
         match event:
             case RequestArrived():
-                priority = self.models[event.model].config.priority
-                self._enqueue(Waiter(event.request_id, event.model, event.now, event.deadline, event.kind, 0, priority))
+                state = self.models[event.model]
+                fallback_at = None
+                if event.kind == "request" and self._may_fall_back(state, event.local_only):
+                    fallback_at = event.now + state.config.fallback_after_ms / 1000
+                self._enqueue(Waiter(event.request_id, event.model, event.now, event.deadline, event.kind, 0,
+                                     state.config.priority, fallback_at=fallback_at, force=event.force))
             case LeaseRequested():
                 self._enqueue(Waiter(event.lease_id, "", event.now, event.deadline, "lease", 0, event.priority, event))
             case RequestCancelled():
@@ -400,6 +439,8 @@ class SchedulerCore:
                 self.budget = self._measure(event)
             case NeedLearned():
                 self.models[event.model].need_mb = event.mb
+            case GamingChanged():
+                self.gaming = event.enabled
             case Tick():
                 pass
         actions += self._schedule(event.now)
@@ -410,6 +451,7 @@ class SchedulerCore:
     def next_wakeup(self) -> float | None:
         """The earliest time at which a Tick could change something (a deadline, a TTL, a retry, a lease expiry)."""
         times = [w.deadline for w in self.waiters.values()]
+        times += [w.fallback_at for w in self.waiters.values() if w.fallback_at is not None and not w.detached]
         times += [lease.expires_at for lease in self.leases.values()]
         wanted = {w.model for w in self.waiters.values()}
         for state in self.models.values():
@@ -423,7 +465,44 @@ class SchedulerCore:
     def available_now(self, model: str) -> bool:
         """Would a request for this model arriving now be granted at once?"""
         state = self.models[model]
-        return state.phase is Phase.READY and not state.unload_requested and model not in self._doomed
+        return (state.phase is Phase.READY and not state.unload_requested and model not in self._doomed
+                and not self._kept_out_by_gaming(state, force=False))
+
+    def eta_ms(self, model: str, now: float) -> int | None:
+        """Roughly how long until a request for this model could be served locally; None when unknown."""
+        state = self.models[model]
+        if self.available_now(model):
+            return 0
+        if self._kept_out_by_gaming(state, force=False) or state.last_load_s is None:
+            return None
+        if state.phase is Phase.LOADING and state.load_started is not None:
+            return round(max(0.0, state.last_load_s - (now - state.load_started)) * 1000)
+        seconds = state.last_load_s
+        if state.phase is Phase.FAILED:
+            seconds += max(0.0, state.retry_at - now)
+        in_the_way = [o for o in self._resident() if self._displaces(state, o)]
+        if any(o.in_flight for o in in_the_way) or model in self._short_of_memory:
+            return None  # depends on when other requests finish or memory frees
+        seconds += STOP_ESTIMATE_S * (len(in_the_way) + (state.phase is Phase.UNLOADING))
+        return round(seconds * 1000)
+
+    def route(self, model: str, now: float, local_only: bool = False) -> Route:
+        """What a request for this model arriving now would get."""
+        state = self.models[model]
+        if self.available_now(model):
+            return "local"
+        fallback = self._may_fall_back(state, local_only)
+        never_soon = (
+            self._kept_out_by_gaming(state, force=False)
+            or (state.phase is Phase.FAILED and state.retry_at - now >= self.queue_timeout_s)
+            or (self.budget is not None and state.need_mb > self.budget.usable_mb)
+        )
+        if never_soon:
+            return "cloud" if fallback else "rejected"
+        eta = self.eta_ms(model, now)
+        if fallback and (eta is None or eta > state.config.fallback_after_ms):
+            return "cloud"
+        return "queued"
 
     def committed_mb(self) -> tuple[int, int]:
         """(held by resident models, held by granted leases)."""
@@ -438,7 +517,7 @@ class SchedulerCore:
     def views(self, now: float) -> list[ModelView]:
         queued: dict[str, int] = {}
         for waiter in self.waiters.values():
-            if waiter.kind == "request":
+            if waiter.kind == "request" and not waiter.detached:
                 queued[waiter.model] = queued.get(waiter.model, 0) + 1
         views = []
         for state in self.models.values():
@@ -459,6 +538,8 @@ class SchedulerCore:
                     last_error=state.last_error,
                     aliases=list(state.config.aliases),
                     need_mb=state.need_mb,
+                    eta_ms=self.eta_ms(state.name, now),
+                    route=self.route(state.name, now),
                 )
             )
         return views
@@ -473,15 +554,18 @@ class SchedulerCore:
                 actions.append(LeaseEnded(lease.lease_id, lease.owner, "expired"))
         for waiter in list(self.waiters.values()):
             if waiter.deadline <= now:
-                actions.append(self._timed_out(waiter))
+                actions += self._timed_out(waiter)
 
         # Walk the queue in rank order. `claimed`: models that higher-ranked waiters want resident (a lower-ranked
         # waiter may not displace them). `doomed`: models a higher-ranked placement needs gone (they drain: no new
         # requests). Once a placement waits for memory, lower-ranked ones may not take memory before it.
         claimed: list[str] = []
         doomed: set[str] = set()
+        self._short_of_memory = set()
         memory_blocked = False
         for waiter in self._ranked():
+            if waiter.request_id not in self.waiters:
+                continue  # removed earlier in this walk (a detached place whose load just started)
             if waiter.kind == "lease":
                 if memory_blocked:
                     continue
@@ -489,12 +573,25 @@ class SchedulerCore:
                 memory_blocked = outcome == "wait"
                 continue
             state = self.models[waiter.model]
-            if state.phase is Phase.READY and not state.unload_requested:
-                if waiter.model not in doomed:
-                    if waiter.model not in claimed:
-                        claimed.append(waiter.model)
-                    actions.append(self._grant(waiter, state))
+            if waiter.detached and state.phase in (Phase.LOADING, Phase.READY):
+                del self.waiters[waiter.request_id]  # what it kept its place for happened meanwhile
                 continue
+            servable = state.phase is Phase.READY and not state.unload_requested and waiter.model not in doomed
+            if servable and not self._kept_out_by_gaming(state, waiter.force):
+                if waiter.model not in claimed:
+                    claimed.append(waiter.model)
+                actions.append(self._grant(waiter, state))
+                continue
+            if waiter.fallback_at is not None and not waiter.detached and now >= waiter.fallback_at:
+                actions.append(self._fall_back(waiter, state, doomed))
+            # A place kept after a cloud answer forces nothing: X-Force-Big was for the request itself.
+            if self._kept_out_by_gaming(state, waiter.force and not waiter.detached):
+                message = (f"model {state.name!r} is not allowed in gaming mode (allow_in_gaming = false); "
+                           "send X-Force-Big: true to load it anyway")  # fmt: skip
+                actions += self._give_up(waiter, 503, "gaming_mode", message, retry_after_s=30)
+                continue
+            if state.phase is Phase.READY and not state.unload_requested:
+                continue  # draining for a placement ranked above it
             if self._group_blocked(state, claimed):
                 continue
             if waiter.model not in claimed:
@@ -505,11 +602,14 @@ class SchedulerCore:
                 if waiter.deadline <= state.retry_at:
                     # It would time out before the next attempt: tell the client why now, not in 30 s.
                     message = f"model {state.name!r} failed: {state.last_error}; next start in {state.retry_at - now:.1f} s"
-                    actions.append(self._reject(waiter, 503, "model_failed", message, self._retry_after(state)))
+                    actions += self._give_up(waiter, 503, "model_failed", message, self._retry_after(state))
                 continue
             if memory_blocked:
+                self._short_of_memory.add(state.name)
                 continue
             memory_blocked = self._place(state, waiter, claimed, doomed, now, actions) == "wait"
+            if memory_blocked:
+                self._short_of_memory.add(state.name)
 
         self._doomed = doomed
         actions += self._expire_idle(now)
@@ -528,7 +628,10 @@ class SchedulerCore:
                 message = (f"{what} needs {need} MB but only {self.budget.usable_mb} MB are usable "
                            f"(total {self.budget.total_mb}, reserve {self.budget.reserve_mb}, "
                            f"used by other programs {self.budget.foreign_mb})")  # fmt: skip
-                actions.append(self._reject(waiter, 503, "insufficient_memory", message, retry_after_s=10))
+                if state is None:
+                    actions.append(self._reject(waiter, 503, "insufficient_memory", message, retry_after_s=10))
+                else:
+                    actions += self._give_up(waiter, 503, "insufficient_memory", message, retry_after_s=10)
                 return "rejected"
             # What is already on its way out (unloading, or displaced by the group rules) will be free soon.
             leaving = {o.name: o.need_mb for o in self._resident() if o.phase is Phase.UNLOADING or o in group_victims}
@@ -607,8 +710,11 @@ class SchedulerCore:
         for state in self.models.values():
             if state.phase is not Phase.READY or state.in_flight:
                 continue
+            forced = any(w.model == state.name and w.force and not w.detached for w in self.waiters.values())
             if state.unload_requested:
                 actions.append(self._stop(state, "admin"))
+            elif self._kept_out_by_gaming(state, force=forced):
+                actions.append(self._stop(state, "gaming"))
             elif state.name not in wanted and now >= (self._ttl_expiry(state) or float("inf")):
                 actions.append(self._stop(state, "ttl"))
         return actions
@@ -637,11 +743,10 @@ class SchedulerCore:
             return []  # a crash: requests wait for (and trigger) the restart
         # Whoever waited for this load gets the cause now rather than a timeout later.
         message = f"model {state.name!r} failed to load: {error}"
-        return [
-            self._reject(w, 503, "model_load_failed", message, self._retry_after(state))
-            for w in list(self.waiters.values())
-            if w.model == state.name
-        ]
+        actions: list[Action] = []
+        for waiter in [w for w in self.waiters.values() if w.model == state.name]:
+            actions += self._give_up(waiter, 503, "model_load_failed", message, self._retry_after(state))
+        return actions
 
     # ------------------------------------------------------------ helpers
 
@@ -677,18 +782,52 @@ class SchedulerCore:
         expected = state.last_load_s or 1.0
         return max(1, min(10, round(expected + 0.5)))
 
-    def _timed_out(self, waiter: Waiter) -> Reject:
+    def _timed_out(self, waiter: Waiter) -> list[Action]:
         if waiter.kind == "lease":
             lease = waiter.lease
             message = (f"lease of {lease.mb} MB for {lease.owner!r} was not granted within its wait "  # type: ignore[union-attr]
                        f"(free now: {self.free_mb()} MB)")
-            return self._reject(waiter, 503, "lease_timeout", message, retry_after_s=5)
+            return [self._reject(waiter, 503, "lease_timeout", message, retry_after_s=5)]
         state = self.models[waiter.model]
         message = (f"model {waiter.model!r} was not ready within {self.queue_timeout_s:g} s "
                    f"(it is {state.phase.value}); retry shortly")  # fmt: skip
-        return self._reject(waiter, 503, "queue_timeout", message, self._retry_after(state))
+        return self._give_up(waiter, 503, "queue_timeout", message, self._retry_after(state))
+
+    def _give_up(self, waiter: Waiter, status: int, code: str, message: str, retry_after_s: int) -> list[Action]:
+        """The local model cannot serve this request: the cloud takes it if it may go there, else a 503."""
+        if waiter.detached:  # already answered from the cloud
+            del self.waiters[waiter.request_id]
+            return []
+        state = self.models[waiter.model]
+        if waiter.fallback_at is not None:
+            del self.waiters[waiter.request_id]
+            return [Fallback(waiter.request_id, waiter.model, state.config.fallback, code)]  # type: ignore[arg-type]
+        return [self._reject(waiter, status, code, message, retry_after_s)]
+
+    def _fall_back(self, waiter: Waiter, state: ModelState, doomed: set[str]) -> Fallback:
+        """Waited fallback_after_ms: answer from the cloud, but keep the place so the local load goes on."""
+        waiter.detached = True
+        if state.phase is Phase.FAILED:
+            reason = "model_failed"
+        elif state.phase is Phase.LOADING:
+            reason = "loading"
+        elif state.phase is Phase.UNLOADING or state.displaced or state.name in doomed:
+            reason = "swapping"
+        elif state.name in self._short_of_memory:
+            reason = "lease" if self.leases else "memory"
+        else:
+            reason = "queued"
+        return Fallback(waiter.request_id, waiter.model, state.config.fallback, reason)  # type: ignore[arg-type]
+
+    def _may_fall_back(self, state: ModelState, local_only_requested: bool) -> bool:
+        return state.config.fallback is not None and not state.config.local_only and not local_only_requested
+
+    def _kept_out_by_gaming(self, state: ModelState, force: bool) -> bool:
+        return self.gaming and not state.config.allow_in_gaming and not force
 
     def _start(self, state: ModelState, now: float) -> StartProcess:
+        for waiter in [w for w in self.waiters.values() if w.detached and w.model == state.name]:
+            del self.waiters[waiter.request_id]  # the load they kept their place for is under way
         state.phase = Phase.LOADING
         state.instance += 1
         state.load_started = now

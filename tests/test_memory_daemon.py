@@ -181,3 +181,17 @@ async def test_memory_is_learned_after_a_load_and_used_after_a_restart(start_dae
     _, status = await again.get_json("/status")
     assert status["models"]["a"]["vram_source"] == "learned" and status["models"]["a"]["vram_mb"] == rss_mb
     assert os.path.exists(state_dir / "learned-memory.json")
+
+
+async def test_status_command_shows_memory_and_leases_readably(start_daemon, tiny_models):
+    d = await start(start_daemon, tiny_models)
+    assert (await d.chat("b"))[0] == 200
+    assert (await lease(d, vram_mb=1500))[0] == 201
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "supervisor.cli", "status", "--url", d.url, stdout=asyncio.subprocess.PIPE)
+    stdout, _ = await process.communicate()
+    text = stdout.decode()
+    assert process.returncode == 0
+    assert "memory: fixed test device" in text
+    assert "models 2000 MB, leases 1500 MB, other programs 0 MB, reserve 1000 MB, available 5500 MB" in text
+    assert "tts" in text and "2000 (config)" in text

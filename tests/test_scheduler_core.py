@@ -7,6 +7,8 @@ import pytest
 from supervisor.config import parse_config
 from supervisor.scheduler import (
     DropWaiters,
+    Fallback,
+    GamingChanged,
     Grant,
     GrantLease,
     LeaseEnded,
@@ -41,6 +43,7 @@ class Sim:
         config = parse_config(
             {
                 "daemon": {"queue_timeout_s": queue_timeout_s},
+                "cloud": {"frontier": {"base_url": "http://127.0.0.1:9/v1", "model": "big-model"}},
                 "gpu": {"reserve_mb": reserve_mb},
                 "groups": groups or {},
                 "models": {name: {"model": f"/m/{name}.gguf", **spec} for name, spec in models.items()},
@@ -56,10 +59,10 @@ class Sim:
         self.log += actions
         return actions
 
-    def request(self, model: str) -> tuple[int, list]:
+    def request(self, model: str, **flags) -> tuple[int, list]:
         self.next_id += 1
         deadline = self.now + self.core.queue_timeout_s
-        return self.next_id, self.send(RequestArrived(self.next_id, model, self.now, deadline))
+        return self.next_id, self.send(RequestArrived(self.next_id, model, self.now, deadline, **flags))
 
     def loaded(self, model: str, port: int = 6000) -> list:
         instance = self.core.models[model].instance
@@ -107,6 +110,8 @@ def kinds(actions: list) -> list[tuple]:
             out.append(("grant", a.request_id, a.model))
         elif isinstance(a, Reject):
             out.append(("reject", a.request_id, a.code))
+        elif isinstance(a, Fallback):
+            out.append(("cloud", a.request_id, a.target, a.reason))
         elif isinstance(a, GrantLease):
             out.append(("lease", a.lease_id))
         elif isinstance(a, LeaseEnded):
@@ -519,3 +524,96 @@ def test_learned_need_replaces_the_estimate():
     sim.serve("q")
     p, actions = sim.request("p")
     assert kinds(actions) == [("stop", "q", "memory")]
+
+
+# ---------------------------------------------------------------- cloud fallback, gaming mode, routes
+
+FALLBACK_PAIR = {
+    "a": {"group": "main", "fallback": "frontier", "fallback_after_ms": 2000},
+    "b": {"group": "main", "fallback": "frontier", "fallback_after_ms": 2000},
+}
+
+
+def test_a_request_that_waits_past_fallback_after_ms_goes_to_the_cloud_and_the_load_goes_on():
+    sim = Sim(FALLBACK_PAIR, MAIN_SWAP)
+    ra, _ = sim.request("a")
+    sim.loaded("a")  # a busy: b must wait for the swap
+    rb, actions = sim.request("b")
+    assert sim.core.next_wakeup() == pytest.approx(2.0)
+    assert kinds(sim.advance(2.0)) == [("cloud", rb, "frontier", "swapping")]
+    assert sim.core.route("b", sim.now) == "cloud"
+    # The swap it asked for still happens: a drains and stops, b loads, for the next request.
+    assert kinds(sim.finish(ra)) == [("stop", "a", "swap")]
+    assert kinds(sim.stopped("a")) == [("start", "b")]
+    assert sim.core.waiters == {}  # the detached place is gone once b loads; nobody is answered twice
+    rb2, _ = sim.request("b")
+    assert kinds(sim.loaded("b")) == [("grant", rb2, "b")]
+
+
+def test_x_local_only_and_local_only_models_never_go_to_the_cloud():
+    sim = Sim({**FALLBACK_PAIR, "c": {"group": "main", "fallback": "frontier", "local_only": True}}, MAIN_SWAP)
+    ra, _ = sim.request("a")
+    sim.loaded("a")
+    rb, _ = sim.request("b", local_only=True)
+    rc, _ = sim.request("c")
+    assert sim.advance(5) == []
+    assert sim.core.route("b", sim.now, local_only=True) == "queued"
+    assert kinds(sim.advance(25)) == [("reject", rb, "queue_timeout"), ("reject", rc, "queue_timeout")]
+
+
+def test_a_failed_load_sends_fallback_waiters_to_the_cloud_at_once():
+    sim = Sim(FALLBACK_PAIR, MAIN_SWAP)
+    r, _ = sim.request("a")
+    assert kinds(sim.send(LoadFailed("a", 1, "boom", sim.now))) == [("cloud", r, "frontier", "model_load_failed")]
+
+
+def test_gaming_mode_drains_and_stops_disallowed_models_and_sends_their_requests_away():
+    models = {**FALLBACK_PAIR, "small": {"allow_in_gaming": True, "group": "side"}, "plain": {"group": "main"}}
+    groups = {**MAIN_SWAP, "side": {"exclusive": False}}
+    sim = Sim(models, groups)
+    busy, _ = sim.request("a")
+    sim.loaded("a")
+    rs, _ = sim.request("small")
+    sim.loaded("small", port=6001)
+    sim.finish(rs)
+    assert sim.send(GamingChanged(True, sim.now)) == []  # a has a request in flight: it finishes first
+    assert not sim.core.available_now("a") and sim.core.available_now("small")
+    r2, actions = sim.request("a")
+    assert kinds(actions) == [("cloud", r2, "frontier", "gaming_mode")]
+    rp, actions = sim.request("plain")
+    assert kinds(actions) == [("reject", rp, "gaming_mode")]
+    assert kinds(sim.finish(busy)) == [("stop", "a", "gaming")]
+    sim.stopped("a")
+    assert sim.core.route("a", sim.now) == "cloud" and sim.core.route("plain", sim.now) == "rejected"
+    assert sim.core.route("small", sim.now) == "local"
+
+
+def test_x_force_big_loads_a_model_in_gaming_mode_which_then_stops_when_done():
+    sim = Sim({"plain": {}})
+    sim.send(GamingChanged(True, sim.now))
+    r, actions = sim.request("plain", force=True)
+    assert kinds(actions) == [("start", "plain")]
+    assert kinds(sim.loaded("plain")) == [("grant", r, "plain")]
+    assert kinds(sim.finish(r)) == [("stop", "plain", "gaming")]
+
+
+def test_gaming_off_lets_models_load_again():
+    sim = Sim({"plain": {}})
+    sim.send(GamingChanged(True, sim.now))
+    sim.send(GamingChanged(False, sim.now))
+    r, actions = sim.request("plain")
+    assert kinds(actions) == [("start", "plain")]
+
+
+def test_eta_comes_from_the_last_load_and_what_must_stop_first():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP)
+    assert sim.core.eta_ms("b", sim.now) is None  # never loaded: unknown
+    sim.serve("b")  # load time 50 ms (Sim.loaded)
+    ra, _ = sim.request("a")
+    sim.stopped("b")
+    sim.loaded("a")
+    sim.finish(ra)
+    assert sim.core.eta_ms("a", sim.now) == 0
+    assert sim.core.eta_ms("b", sim.now) == 50 + 200  # its load, after stopping a
+    busy, _ = sim.request("a")
+    assert sim.core.eta_ms("b", sim.now) is None  # a is busy: depends on when that finishes

@@ -9,6 +9,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from supervisor.config import parse_config
 from supervisor.scheduler import (
     RESIDENT,
+    Fallback,
+    GamingChanged,
     Grant,
     GrantLease,
     LeaseEnded,
@@ -34,15 +36,17 @@ from supervisor.scheduler import (
 MODELS = ["a", "b", "c", "e"]
 CONFIG = parse_config({
     "daemon": {"queue_timeout_s": 5},
+    "cloud": {"frontier": {"base_url": "http://127.0.0.1:9", "model": "big"}},
     "groups": {
         "main": {"swap": True, "exclusive": True},
         "side": {"swap": True, "exclusive": False},
         "keep": {"swap": True, "exclusive": False, "persistent": True},
     },
     "models": {
-        "a": {"model": "/a", "group": "main", "ttl_s": 3},
+        "a": {"model": "/a", "group": "main", "ttl_s": 3, "fallback": "frontier", "fallback_after_ms": 1500},
         "b": {"model": "/b", "group": "main", "priority": 2},
-        "c": {"model": "/c", "group": "side", "ttl_s": 1},
+        "c": {"model": "/c", "group": "side", "ttl_s": 1, "allow_in_gaming": True, "fallback": "frontier",
+              "fallback_after_ms": 0},
         "e": {"model": "/e", "group": "keep"},
     },
 })  # fmt: skip
@@ -80,12 +84,19 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.leases.add(action.lease_id)
                 case LeaseEnded():
                     self.leases.discard(action.lease_id)
+                case Fallback():
+                    assert action.request_id not in self.answers, "answered twice"
+                    self.answers[action.request_id] = "cloud"
+                    self.waiting.discard(action.request_id)
                 case Reject():
                     assert action.request_id not in self.answers, "answered twice"
                     self.answers[action.request_id] = "reject"
                     self.waiting.discard(action.request_id)
                 case StartProcess():
                     assert action.model not in self.starting and action.model not in self.stopping
+                    if self.core.gaming and not self.core.models[action.model].config.allow_in_gaming:
+                        assert any(w.model == action.model and w.force for w in self.core.waiters.values()), \
+                            f"{action.model} started in gaming mode without X-Force-Big"
                     self.starting[action.model] = action.instance
                 case StopProcess():
                     busy = sum(1 for r, m in self.granted.items() if m == action.model and r not in self.orphaned)
@@ -93,11 +104,15 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.starting.pop(action.model, None)
                     self.stopping[action.model] = action.instance
 
-    @rule(model=st.sampled_from(MODELS))
-    def request(self, model):
+    @rule(model=st.sampled_from(MODELS), local_only=st.booleans(), force=st.booleans())
+    def request(self, model, local_only, force):
         self.ids += 1
         self.waiting.add(self.ids)
-        self.apply(RequestArrived(self.ids, model, self.now, self.now + 5))
+        self.apply(RequestArrived(self.ids, model, self.now, self.now + 5, local_only=local_only, force=force))
+
+    @rule(enabled=st.booleans())
+    def gaming(self, enabled):
+        self.apply(GamingChanged(enabled, self.now))
 
     @rule(mb=st.sampled_from([1000, 3000, 6000, 12000]), priority=st.sampled_from([-1, 1, 10]))
     def lease(self, mb, priority):
@@ -170,6 +185,13 @@ class SchedulerMachine(RuleBasedStateMachine):
     def memory_committed_never_exceeds_the_budget(self):
         models_mb, leases_mb = self.core.committed_mb()
         assert models_mb + leases_mb <= self.core.budget.usable_mb, (models_mb, leases_mb)
+
+    @invariant()
+    def gaming_mode_keeps_disallowed_models_from_loading_for_plain_requests(self):
+        if not self.core.gaming:
+            return
+        plain = [w for w in self.core.waiters.values() if w.kind == "request" and not w.force and not w.detached]
+        assert all(self.core.models[w.model].config.allow_in_gaming for w in plain)
 
     @invariant()
     def in_flight_matches_what_was_granted(self):
