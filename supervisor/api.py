@@ -15,7 +15,8 @@ from aiohttp import web
 
 from .config import Config
 from .driver import Driver, Rejected
-from .proxy import ApiError, Proxy, error_response, rejection_response, unknown_model_error
+from .proxy import Proxy, rejection_response, unknown_model_error
+from .responses import ApiError, error_response
 from .scheduler import ModelView
 
 log = structlog.get_logger("supervisor.api")
@@ -49,6 +50,8 @@ class Api:
             web.post("/models/{model}/unload", self.admin(self.unload)),
             web.post("/unload", self.admin(self.unload_all)),
             web.post("/stop-all", self.admin(self.stop_all)),
+            web.get("/gaming-mode", self.gaming_mode),
+            web.post("/gaming-mode", self.admin(self.set_gaming_mode)),
             web.get("/leases", self.list_leases),
             web.post("/leases", self.admin(self.create_lease)),
             web.post("/leases/{id}/renew", self.admin(self.renew_lease)),
@@ -105,18 +108,6 @@ class Api:
     def _views(self) -> dict[str, ModelView]:
         return {v.name: v for v in self.driver.core.views(self.driver.now())}
 
-    def _eta_ms(self, view: ModelView) -> int | None:
-        """A rough time until the model could serve: its last load time, less what has already passed."""
-        if view.available_now:
-            return 0
-        state = self.driver.core.models[view.name]
-        expected = state.last_load_s
-        if expected is None:
-            return None
-        if view.state == "loading" and state.load_started is not None:
-            expected = max(0.0, expected - (self.driver.now() - state.load_started))
-        return round(expected * 1000)
-
     def _model_document(self, view: ModelView) -> dict[str, object]:
         return {
             "state": view.state,
@@ -132,8 +123,10 @@ class Api:
             "ttl_remaining_s": view.ttl_remaining_s,
             "last_load_ms": view.last_load_ms,
             "available_now": view.available_now,
-            "eta_ms": self._eta_ms(view),
-            "route": "local" if view.available_now else "queued",
+            "eta_ms": view.eta_ms,
+            "route": view.route,
+            "fallback": self.config.models[view.name].fallback,
+            "allow_in_gaming": self.config.models[view.name].allow_in_gaming,
             "last_error": view.last_error,
         }
 
@@ -143,7 +136,7 @@ class Api:
     async def model_health(self, request: web.Request) -> web.Response:
         model = self._model_or_404(request)
         view = self._views()[model]
-        body = {"model": model, "state": view.state, "eta_ms": self._eta_ms(view)}
+        body = {"model": model, "state": view.state, "eta_ms": view.eta_ms, "route": view.route}
         if view.available_now:
             return web.json_response({"status": "ok", **body})
         message = f"model {model!r} cannot be served locally now (it is {view.state})"
@@ -152,7 +145,7 @@ class Api:
     async def status(self, request: web.Request) -> web.Response:
         views = self._views()
         return web.json_response({
-            "gaming_mode": False,
+            "gaming_mode": self.driver.gaming,
             "memory": self._memory_document(),
             "models": {name: self._model_document(view) for name, view in views.items()},
             "leases": self._lease_documents(),
@@ -201,7 +194,25 @@ class Api:
             data.append(entry)
             for alias in view.aliases:
                 data.append({**entry, "id": alias, "alias_of": view.name, "aliases": []})
+        for name, target in self.config.cloud.items():
+            data.append({"id": name, "object": "model", "created": self.started, "owned_by": "cloud",
+                         "cloud_model": target.model, "status": {"value": "cloud"}})  # fmt: skip
         return web.json_response({"object": "list", "data": data})
+
+    # ------------------------------------------------------------ gaming mode
+
+    async def gaming_mode(self, request: web.Request) -> web.Response:
+        return web.json_response({"enabled": self.driver.gaming})
+
+    async def set_gaming_mode(self, request: web.Request) -> web.Response:
+        try:
+            payload = json.loads(await request.read() or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("enabled"), bool):
+            raise ApiError(400, "invalid_request", 'body must be {"enabled": true} or {"enabled": false}')
+        self.driver.set_gaming(payload["enabled"], source="api")
+        return web.json_response({"enabled": self.driver.gaming})
 
     async def logs(self, request: web.Request) -> web.Response:
         model = self._model_or_404(request)

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     unload.add_argument("model", nargs="?")
     unload.set_defaults(func=cmd_unload)
 
+    gaming = client("gaming", "gaming mode: on, off, or status")
+    gaming.add_argument("action", choices=["on", "off", "status"])
+    gaming.set_defaults(func=cmd_gaming)
+
     lease = client("lease", "run a command while holding a GPU-memory lease (exit 3 if not granted)")
     lease.add_argument("--vram-mb", type=int, required=True, help="memory to hold, in MB")
     lease.add_argument("--owner", default=None, help="who holds it (default: the command's name)")
@@ -176,9 +180,10 @@ def call(args: argparse.Namespace, method: str, path: str, timeout: float = 30, 
         raise Unreachable(f"the daemon at {url} is unreachable: {getattr(exc, 'reason', exc)}") from None
 
 
-def _client_command(args: argparse.Namespace, method: str, path: str, timeout: float = 30) -> tuple[int, Any] | None:
+def _client_command(args: argparse.Namespace, method: str, path: str, timeout: float = 30,
+                    body: Any = None) -> tuple[int, Any] | None:
     try:
-        return call(args, method, path, timeout)
+        return call(args, method, path, timeout, body)
     except Unreachable as exc:
         print(f"model-supervisor: {exc}", file=sys.stderr)
         return None
@@ -248,6 +253,21 @@ def cmd_unload(args: argparse.Namespace) -> int:
         print(f"model-supervisor: unload failed: {_message(body)}", file=sys.stderr)
         return EXIT_FAIL
     print(f"{args.model or 'all models'}: unloaded")
+    return EXIT_OK
+
+
+def cmd_gaming(args: argparse.Namespace) -> int:
+    if args.action == "status":
+        answer = _client_command(args, "GET", "/gaming-mode")
+    else:
+        answer = _client_command(args, "POST", "/gaming-mode", body={"enabled": args.action == "on"})
+    if answer is None:
+        return EXIT_FAIL
+    status, body = answer
+    if status != 200:
+        print(f"model-supervisor: gaming {args.action} failed: {_message(body)}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"gaming mode: {'on' if body['enabled'] else 'off'}")
     return EXIT_OK
 
 

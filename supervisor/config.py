@@ -157,6 +157,9 @@ class CloudConfig(Section):
 
 class GamingConfig(Section):
     auto_detect: list[str] = []
+    # How often running processes are listed, and how long after the last listed one exits gaming mode ends.
+    poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    off_delay_s: Annotated[float, Field(ge=0)] = 10.0
 
 
 class Config(BaseSettings):
@@ -201,12 +204,17 @@ class Config(BaseSettings):
     def _cross_references(self) -> Config:
         problems: list[str] = []
         seen: dict[str, str] = {name: f"models.{name}" for name in self.models}
+        for name in self.cloud:
+            if name in self.models:
+                problems.append(f"cloud.{name}: a model has the same name; a request naming it would be ambiguous")
         for name, model in self.models.items():
             if model.group not in self.groups and model.group != DEFAULT_GROUP:
                 problems.append(f"models.{name}.group: no [groups.{model.group}] section")
             if model.fallback is not None and model.fallback not in self.cloud:
                 problems.append(f"models.{name}.fallback: no [cloud.{model.fallback}] section")
             for alias in model.aliases:
+                if alias in self.cloud:
+                    problems.append(f"models.{name}.aliases: {alias!r} is also the name of [cloud.{alias}]")
                 if alias in seen:
                     problems.append(f"models.{name}.aliases: {alias!r} is already used by {seen[alias]}")
                 seen[alias] = f"models.{name}.aliases"

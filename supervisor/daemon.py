@@ -14,6 +14,8 @@ from .api import Api
 from .config import Config, ConfigError, is_loopback
 from .driver import Driver
 from .estimate import LearnedStore
+from .fallback import CloudClient
+from .gaming import GamingStore
 from .gpu import Probe, open_probe
 from .proxy import Proxy
 
@@ -58,9 +60,13 @@ class Daemon:
         )
         if self.probe is None:
             self.probe = open_probe(self.config.gpu.backend, self.config.gpu.device)
-        self.driver = Driver(self.config, self.binary, self._http, self.probe, self._state_store())
+        state_dir_ok = self._state_dir_usable()
+        learned = LearnedStore(self.config.daemon.state_dir) if state_dir_ok else None
+        gaming = GamingStore(self.config.daemon.state_dir) if state_dir_ok else None
+        self.driver = Driver(self.config, self.binary, self._http, self.probe, learned, gaming)
         await self.driver.start()
-        api = Api(self.config, self.driver, Proxy(self.config, self.driver, self._http))
+        cloud = CloudClient(self.config, self._http)
+        api = Api(self.config, self.driver, Proxy(self.config, self.driver, self._http, cloud))
         # handler_cancellation: a client that disconnects cancels its handler, which cancels the upstream call.
         self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
@@ -70,15 +76,15 @@ class Daemon:
             self.port = self._runner.addresses[0][1]
         log.info("daemon_started", url=self.url, models=sorted(self.config.models), llama_server=self.binary)
 
-    def _state_store(self) -> LearnedStore | None:
+    def _state_dir_usable(self) -> bool:
         state_dir = self.config.daemon.state_dir
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             log.warning("state_dir_unusable", state_dir=str(state_dir), error=str(exc),
-                        effect="measured memory figures are not kept across restarts")
-            return None
-        return LearnedStore(state_dir)
+                        effect="measured memory figures and gaming mode are not kept across restarts")
+            return False
+        return True
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), answer queued ones with 503, stop children."""

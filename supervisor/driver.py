@@ -24,12 +24,15 @@ import structlog
 
 from .config import Config
 from .estimate import LearnedStore, estimate_model
+from .gaming import GamingDetector, GamingStore, running_process_names
 from .gpu import MemorySnapshot, Probe, ProbeError
 from .process import LlamaServer, LoadError, LogRing, PortPool
 from .scheduler import (
     RESIDENT,
     DropWaiters,
     Event,
+    Fallback,
+    GamingChanged,
     Grant,
     GrantLease,
     LeaseEnded,
@@ -68,9 +71,13 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class Ticket:
+    """Where a request goes: a local port, or (target set) a cloud target standing in for the model."""
+
     request_id: int
     model: str
     port: int
+    target: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,12 +89,14 @@ class LeaseGrant:
 
 class Driver:
     def __init__(self, config: Config, binary: str, http: aiohttp.ClientSession, probe: Probe,
-                 learned: LearnedStore | None = None, child_env: dict[str, str] | None = None):
+                 learned: LearnedStore | None = None, gaming_store: GamingStore | None = None,
+                 child_env: dict[str, str] | None = None):
         self.config = config
         self.binary = binary
         self.http = http
         self.probe = probe
         self.learned = learned
+        self.gaming_store = gaming_store
         self.child_env = child_env
         self.snapshot: MemorySnapshot | None = None
         self.need_source: dict[str, str] = {}
@@ -107,16 +116,45 @@ class Driver:
         self._loop = asyncio.get_running_loop()
 
     async def start(self) -> None:
-        """Take the first memory reading (so the first placement is budgeted) and keep reading periodically."""
+        """Take the first memory reading (so the first placement is budgeted) and keep reading periodically;
+        restore gaming mode as it was, and watch for games if asked to."""
         self.measure()
         self._spawn_task(self._poll_memory())
+        if self.gaming_store is not None and self.gaming_store.load():
+            self.set_gaming(True, source="restored")
+        if self.config.gaming.auto_detect:
+            self._spawn_task(self._detect_games())
+
+    # ------------------------------------------------------------ gaming mode
+
+    @property
+    def gaming(self) -> bool:
+        return self.core.gaming
+
+    def set_gaming(self, enabled: bool, source: str) -> None:
+        if enabled != self.core.gaming:
+            log.info("gaming_mode", enabled=enabled, source=source)
+        self.dispatch(GamingChanged(enabled, self.now()))
+        if self.gaming_store is not None and source != "restored":
+            self.gaming_store.save(enabled)
+        self._notify("gaming", {"enabled": enabled, "source": source})
+
+    async def _detect_games(self) -> None:
+        detector = GamingDetector(self.config.gaming.auto_detect, self.config.gaming.off_delay_s)
+        while True:
+            running = await asyncio.to_thread(running_process_names)  # listing /proc takes a few ms
+            change = detector.observe(running, self.now())
+            if change is not None:
+                self.set_gaming(change, source=f"auto: {', '.join(detector.matching(running)) or 'none running'}")
+            await asyncio.sleep(self.config.gaming.poll_interval_s)
 
     def now(self) -> float:
         return self._loop.time()
 
     # ------------------------------------------------------------ requests
 
-    async def acquire(self, model: str, kind: str = "request", wait_s: float | None = None) -> Ticket:
+    async def acquire(self, model: str, kind: str = "request", wait_s: float | None = None,
+                      local_only: bool = False, force: bool = False) -> Ticket:
         """Wait until the model may be sent a request. Raises Rejected. Cancelling gives up the place."""
         if self.closing:
             raise Rejected(503, "shutting_down", "the daemon is shutting down", retry_after_s=5)
@@ -125,12 +163,13 @@ class Driver:
         self._pending[request_id] = future
         now = self.now()
         deadline = now + (self.config.daemon.queue_timeout_s if wait_s is None else wait_s)
-        self.dispatch(RequestArrived(request_id, model, now, deadline, kind))  # type: ignore[arg-type]
+        self.dispatch(RequestArrived(request_id, model, now, deadline, kind, local_only, force))  # type: ignore[arg-type]
         try:
             return await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled() and future.exception() is None:
-                self.release(future.result())  # granted in the same instant the client left
+                if future.result().target is None:
+                    self.release(future.result())  # granted in the same instant the client left
             else:
                 self.dispatch(RequestCancelled(request_id, self.now()))
             raise
@@ -138,7 +177,8 @@ class Driver:
             self._pending.pop(request_id, None)
 
     def release(self, ticket: Ticket) -> None:
-        self.dispatch(RequestFinished(ticket.request_id, self.now()))
+        if ticket.target is None:  # a cloud ticket held nothing local
+            self.dispatch(RequestFinished(ticket.request_id, self.now()))
 
     async def load(self, model: str) -> None:
         """Load a model and return once it is ready (explicit load: waits for the load itself too)."""
@@ -322,6 +362,12 @@ class Driver:
                     future.set_result(Ticket(action.request_id, action.model, action.port))
                 else:  # its client left in the same instant: give the slot straight back
                     self._loop.call_soon(self.dispatch, RequestFinished(action.request_id, self.now()))
+            case Fallback():
+                future = self._pending.get(action.request_id)
+                if future is not None and not future.done():
+                    future.set_result(Ticket(action.request_id, action.model, 0, action.target, action.reason))
+                log.info("fallback", model=action.model, target=action.target, reason=action.reason)
+                self._notify("fallback", {"model": action.model, "target": action.target, "reason": action.reason})
             case Reject():
                 future = self._pending.get(action.request_id)
                 if future is not None and not future.done():

@@ -8,7 +8,6 @@ which closes the upstream request (llama-server then stops generating) and retur
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import aiohttp
 import structlog
@@ -16,38 +15,23 @@ from aiohttp import web
 
 from .config import Config
 from .driver import Driver, Rejected, Ticket
+from .fallback import CloudClient
 from .process import HOST
+from .responses import NOT_FORWARDED_UP, ApiError, error_response, stream_through
 
 log = structlog.get_logger("supervisor.proxy")
 
-# Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those we set or must not forward.
-HOP_BY_HOP = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-    "transfer-encoding", "upgrade", "host", "content-length",
-}  # fmt: skip
-NOT_FORWARDED_UP = HOP_BY_HOP | {"authorization", "x-local-only", "x-force-big"}
-
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}  # fmt: skip
+TRUE_VALUES, FALSE_VALUES = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 
 
-class ApiError(Exception):
-    """An error a handler answers with: status, machine-readable code, message for a person."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-def error_response(status: int, code: str, message: str, retry_after_s: int | None = None,
-                   extra: dict[str, Any] | None = None) -> web.Response:
-    """An OpenAI-style JSON error."""
-    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    body: dict[str, Any] = {"error": {"message": message, "type": kind, "code": code}}
-    if extra:
-        body.update(extra)
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    return web.json_response(body, status=status, headers=headers)
+def flag_header(request: web.Request, name: str) -> bool:
+    """A true/false request header; anything else is the client's mistake, answered with 400."""
+    value = request.headers.get(name, "").strip().lower()
+    if value in TRUE_VALUES:
+        return True
+    if value in FALSE_VALUES:
+        return False
+    raise ApiError(400, "invalid_header", f"header {name} must be true or false")
 
 
 def rejection_response(rejected: Rejected) -> web.Response:
@@ -60,10 +44,11 @@ def unknown_model_error(config: Config, name: str) -> ApiError:
 
 
 class Proxy:
-    def __init__(self, config: Config, driver: Driver, http: aiohttp.ClientSession):
+    def __init__(self, config: Config, driver: Driver, http: aiohttp.ClientSession, cloud: CloudClient):
         self.config = config
         self.driver = driver
         self.http = http
+        self.cloud = cloud
 
     async def openai(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
@@ -77,10 +62,13 @@ class Proxy:
         name = payload.get("model")
         if not isinstance(name, str) or not name:
             return error_response(400, "missing_model", "request body needs a string 'model' naming a model or alias")
+        local_only, force = flag_header(request, "X-Local-Only"), flag_header(request, "X-Force-Big")
         model = self.config.resolve(name)
         if model is None:
+            if name in self.config.cloud and not local_only:  # asked for the cloud target itself
+                return await self.cloud.forward(request, body, name, None, reason="requested")
             return self.unknown_model(name)
-        return await self._serve(request, model, request.path, body)
+        return await self._serve(request, model, request.path, body, local_only, force)
 
     async def upstream(self, request: web.Request) -> web.StreamResponse:
         """ANY /upstream/{model}/{path}: raw pass-through to that model's llama-server (loading it)."""
@@ -89,17 +77,22 @@ class Proxy:
         if model is None:
             return self.unknown_model(name)
         body = await request.read()
-        return await self._serve(request, model, "/" + request.match_info["path"], body)
+        # Raw paths mean nothing to a cloud target: this route is local only.
+        force = flag_header(request, "X-Force-Big")
+        return await self._serve(request, model, "/" + request.match_info["path"], body, True, force)
 
     def unknown_model(self, name: str) -> web.Response:
         error = unknown_model_error(self.config, name)
         return error_response(error.status, error.code, error.message)
 
-    async def _serve(self, request: web.Request, model: str, path: str, body: bytes) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, model: str, path: str, body: bytes, local_only: bool,
+                     force: bool) -> web.StreamResponse:
         try:
-            ticket = await self.driver.acquire(model)
+            ticket = await self.driver.acquire(model, local_only=local_only, force=force)
         except Rejected as rejected:
             return rejection_response(rejected)
+        if ticket.target is not None:
+            return await self.cloud.forward(request, body, ticket.target, model, ticket.reason or "unavailable")
         try:
             return await self._forward(request, ticket, path, body)
         finally:
@@ -115,25 +108,4 @@ class Proxy:
             )
         except (aiohttp.ClientError, OSError) as exc:
             return error_response(502, "upstream_unreachable", f"model {ticket.model!r} did not answer: {exc}")
-        async with upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for key, value in upstream.headers.items():
-                if key.lower() not in HOP_BY_HOP:
-                    response.headers.add(key, value)
-            if upstream.content_length is not None:
-                response.content_length = upstream.content_length
-            response.headers["X-Served-By"] = "local"
-            await response.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                # The child died mid-answer: the status is already sent, so say so in the stream itself.
-                log.warning("upstream_cut", model=ticket.model, error=str(exc))
-                if "text/event-stream" in upstream.headers.get("Content-Type", ""):
-                    event = {"error": {"message": f"model {ticket.model!r} stopped mid-answer: {exc}",
-                                       "type": "server_error", "code": "upstream_failed"}}
-                    await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-                return response
-            await response.write_eof()
-            return response
+        return await stream_through(request, upstream, {"X-Served-By": "local"}, label=f"model {ticket.model!r}")

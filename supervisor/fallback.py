@@ -1,0 +1,97 @@
+"""The cloud side: send a request to an OpenAI-compatible target, and tell a webhook when fallback starts.
+
+Only the `model` field of the body is rewritten (to the target's model name); the API key comes from the
+environment variable the target names and is sent as a bearer token, never logged or shown. Connection failures
+are retried (tenacity) only before any response byte; an error the cloud answers with is passed to the client as
+it came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from .config import CloudConfig, Config
+from .responses import NOT_FORWARDED_UP, ApiError, stream_through
+
+log = structlog.get_logger("supervisor.fallback")
+
+NOTIFY_EVERY_S = 60.0
+RETRY_ON = (aiohttp.ClientConnectionError, TimeoutError)
+
+
+class CloudClient:
+    def __init__(self, config: Config, http: aiohttp.ClientSession):
+        self.config = config
+        self.http = http
+        self._last_notified: dict[str, float] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def target(self, name: str) -> CloudConfig | None:
+        return self.config.cloud.get(name)
+
+    async def forward(self, request: web.Request, body: bytes, target_name: str, model: str | None,
+                      reason: str) -> web.StreamResponse:
+        """Send the request to the cloud target; model is the local model it stands in for (None: asked directly)."""
+        target = self.config.cloud[target_name]
+        payload = json.loads(body)
+        payload["model"] = target.model
+        # /v1/chat/completions -> {base_url}/chat/completions: base_url already ends at the API root.
+        suffix = request.path.removeprefix("/v1")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED_UP}
+        headers["Content-Type"] = "application/json"
+        key = os.environ.get(target.api_key_env, "") if target.api_key_env else ""
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        log.info("cloud_request", model=model, target=target_name, reason=reason)
+        if model is not None:
+            self._notify_fallback(model, target_name, reason)
+        upstream = await self._open(target_name, target.base_url + suffix, json.dumps(payload).encode(), headers)
+        extra = {"X-Served-By": "cloud", "X-Fallback-Reason": reason}
+        return await stream_through(request, upstream, extra, label=f"cloud target {target_name!r}")
+
+    async def _open(self, name: str, url: str, data: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(RETRY_ON),
+                stop=stop_after_attempt(3),
+                wait=wait_exponential(multiplier=0.1, max=1),
+                reraise=True,
+            ):
+                with attempt:
+                    return await self.http.post(
+                        url, data=data, headers=headers,
+                        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
+                    )  # fmt: skip
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ApiError(502, "cloud_unreachable", f"cloud target {name!r} did not answer: {type(exc).__name__}") from None
+        raise AssertionError("unreachable")  # AsyncRetrying either returns or raises
+
+    def _notify_fallback(self, model: str, target: str, reason: str) -> None:
+        """Tell [daemon] notify_url that fallback fires for this model, at most once a minute per model."""
+        url = self.config.daemon.notify_url
+        now = time.monotonic()
+        if not url or now - self._last_notified.get(model, -NOTIFY_EVERY_S) < NOTIFY_EVERY_S:
+            return
+        self._last_notified[model] = now
+        event = {"event": "fallback_started", "model": model, "target": target, "reason": reason, "time": time.time()}
+        task = asyncio.ensure_future(self._post(url, event))  # fire and forget: _post logs its own failures
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _post(self, url: str, event: dict[str, Any]) -> None:
+        try:
+            async with self.http.post(url, json=event, timeout=aiohttp.ClientTimeout(total=10)) as response:
+                if response.status >= 400:
+                    log.warning("notify_failed", url=url, status=response.status)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("notify_failed", url=url, error=type(exc).__name__)
+
