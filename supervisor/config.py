@@ -314,7 +314,10 @@ def _relative_to(config: Config, base: Path) -> Config:
     models = {
         name: model.model_copy(update={"model": _anchor(model.model, base)}) for name, model in config.models.items()
     }
-    daemon = config.daemon.model_copy(update={"state_dir": _anchor(config.daemon.state_dir, base)})
+    updates: dict[str, Any] = {"state_dir": _anchor(config.daemon.state_dir, base)}
+    if "/" in config.daemon.llama_server:  # a path (not a name to look up on PATH)
+        updates["llama_server"] = str(_anchor(Path(config.daemon.llama_server), base))
+    daemon = config.daemon.model_copy(update=updates)
     return config.model_copy(update={"models": models, "daemon": daemon})
 
 

@@ -113,6 +113,7 @@ class Driver:
         self._timer: asyncio.TimerHandle | None = None
         self._changed = asyncio.Event()
         self.closing = False
+        self.detection_polls = 0  # how often gaming detection has looked (tests wait on it)
         self._loop = asyncio.get_running_loop()
 
     async def start(self) -> None:
@@ -144,6 +145,7 @@ class Driver:
         while True:
             running = await asyncio.to_thread(running_process_names)  # listing /proc takes a few ms
             change = detector.observe(running, self.now())
+            self.detection_polls += 1
             if change is not None:
                 self.set_gaming(change, source=f"auto: {', '.join(detector.matching(running)) or 'none running'}")
             await asyncio.sleep(self.config.gaming.poll_interval_s)

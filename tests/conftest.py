@@ -103,23 +103,28 @@ class RunningDaemon:
             return response.status, await response.json()
 
 
-def make_config(models: dict[str, dict], groups: dict | None = None, gpu: dict | None = None, **daemon: Any) -> Config:
+def make_config(models: dict[str, dict], groups: dict | None = None, gpu: dict | None = None,
+                cloud: dict | None = None, gaming: dict | None = None, **daemon: Any) -> Config:
     settings = {"listen": "127.0.0.1:8080", "port_range": [19100, 19899], "queue_timeout_s": 30,
                 "health_timeout_s": 30, "stop_timeout_s": 5, "drain_timeout_s": 10, **daemon}
-    return parse_config({"daemon": settings, "groups": groups or {}, "models": models, "gpu": gpu or {}})
+    return parse_config({"daemon": settings, "groups": groups or {}, "models": models, "gpu": gpu or {},
+                         "cloud": cloud or {}, "gaming": gaming or {}})
 
 
 @pytest.fixture
 async def start_daemon(llama_server_bin, tmp_path) -> AsyncIterator[Callable[..., Any]]:
-    """start_daemon(models, groups, probe=None, gpu=None, **daemon_keys) -> RunningDaemon on a free port.
+    """start_daemon(models, groups, probe=, gpu=, cloud=, gaming=, binary=, **daemon_keys) -> RunningDaemon.
 
-    Without a probe the real one for this host is used (host RAM here). Everything is stopped afterwards."""
+    On a free port; without a probe the real one for this host is used (host RAM here); binary defaults to the
+    real llama-server. Everything is stopped afterwards."""
     running: list[RunningDaemon] = []
 
     async def start(models: dict[str, dict], groups: dict | None = None, probe=None, gpu: dict | None = None,
+                    cloud: dict | None = None, gaming: dict | None = None, binary: str | None = None,
                     **daemon: Any) -> RunningDaemon:
         daemon.setdefault("state_dir", str(tmp_path / "state"))
-        daemon_obj = Daemon(make_config(models, groups, gpu, **daemon), llama_server_bin, port=0, probe=probe)
+        config = make_config(models, groups, gpu, cloud, gaming, **daemon)
+        daemon_obj = Daemon(config, binary or llama_server_bin, port=0, probe=probe)
         await daemon_obj.start()
         timeline = Timeline()
         daemon_obj.driver.observers.append(timeline)

@@ -74,10 +74,15 @@ def test_aliases_resolve_to_their_model():
 def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path):
     (tmp_path / "sub").mkdir()
     config_file = tmp_path / "sub" / "models.toml"
-    config_file.write_text('[daemon]\nstate_dir = "state"\n[models.a]\nmodel = "../weights/a.gguf"\n')
+    config_file.write_text('[daemon]\nstate_dir = "state"\nllama_server = "bin/llama-server"\n'
+                           '[models.a]\nmodel = "../weights/a.gguf"\n')
     config = load_config(config_file)
     assert config.models["a"].model == tmp_path / "weights" / "a.gguf"
     assert config.daemon.state_dir == tmp_path / "sub" / "state"
+    assert config.daemon.llama_server == str(tmp_path / "sub" / "bin" / "llama-server")
+    # A bare name is looked up on PATH, as a shell would.
+    config_file.write_text('[daemon]\nllama_server = "llama-server"\n')
+    assert load_config(config_file).daemon.llama_server == "llama-server"
 
 
 def test_environment_overrides_nested_keys(monkeypatch):
