@@ -31,16 +31,17 @@ class Api:
         self.proxy = proxy
         self.started = int(time.time())
         self.admin_token = os.environ.get(config.daemon.admin_token_env, "") if config.daemon.admin_token_env else ""
+        self.api_key = os.environ.get(config.daemon.api_key_env, "") if config.daemon.api_key_env else ""
 
     def app(self) -> web.Application:
         limit = int(self.config.daemon.max_body_mb * 1024 * 1024)
         app = web.Application(client_max_size=limit, middlewares=[self.errors_as_json])
         p = self.proxy
         app.add_routes([
-            web.post("/v1/chat/completions", p.openai),
-            web.post("/v1/completions", p.openai),
-            web.post("/v1/embeddings", p.openai),
-            web.get("/v1/models", self.list_models),
+            web.post("/v1/chat/completions", self.inference(p.openai)),
+            web.post("/v1/completions", self.inference(p.openai)),
+            web.post("/v1/embeddings", self.inference(p.openai)),
+            web.get("/v1/models", self.inference(self.list_models)),
             web.get("/health", self.health),
             web.get("/health/{model}", self.model_health),
             web.get("/status", self.status),
@@ -56,7 +57,7 @@ class Api:
             web.post("/leases", self.admin(self.create_lease)),
             web.post("/leases/{id}/renew", self.admin(self.renew_lease)),
             web.delete("/leases/{id}", self.admin(self.delete_lease)),
-            web.route("*", "/upstream/{model}/{path:.*}", p.upstream),
+            web.route("*", "/upstream/{model}/{path:.*}", self.inference(p.upstream)),
         ])  # fmt: skip
         return app
 
@@ -86,12 +87,25 @@ class Api:
             return error_response(500, "internal_error", "internal error; see the daemon's log")
 
     def admin(self, handler: Handler) -> Handler:
+        """Admin endpoints need the admin token, when one is configured."""
+        return self._guard(handler, lambda: [self.admin_token] if self.admin_token else [],
+                           "this endpoint needs Authorization: Bearer <admin token>")
+
+    def inference(self, handler: Handler) -> Handler:
+        """Inference endpoints need the API key (or the admin token), when an API key is configured."""
+        return self._guard(handler, lambda: [k for k in (self.api_key, self.admin_token) if k] if self.api_key else [],
+                           "this endpoint needs Authorization: Bearer <API key>")
+
+    @staticmethod
+    def _guard(handler: Handler, accepted: Callable[[], list[str]], message: str) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            if self.admin_token:
-                given = request.headers.get("Authorization", "")
-                expected = f"Bearer {self.admin_token}"
-                if not hmac.compare_digest(given.encode(), expected.encode()):
-                    return error_response(401, "unauthorized", "this endpoint needs Authorization: Bearer <admin token>")
+            keys = accepted()
+            if keys:
+                given = request.headers.get("Authorization", "").encode()
+                # Compare against every accepted key, in constant time each, so timing says nothing.
+                matches = [hmac.compare_digest(given, f"Bearer {key}".encode()) for key in keys]
+                if not any(matches):
+                    return error_response(401, "unauthorized", message)
             return await handler(request)
 
         return guarded

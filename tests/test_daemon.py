@@ -246,3 +246,24 @@ async def test_stream_passes_through_as_server_sent_events(start_daemon, tiny_mo
     assert events[-1] == b"[DONE]"
     assert len(events) >= 20
     assert all("choices" in json.loads(e) for e in events[:-1])
+
+
+async def test_tokens_guard_admin_and_inference_endpoints(start_daemon, tiny_models, monkeypatch):
+    monkeypatch.setenv("MS_TEST_ADMIN", "admin-secret")
+    monkeypatch.setenv("MS_TEST_KEY", "inference-secret")
+    d = await start_daemon(swap_pair(tiny_models), SWAP_GROUP, admin_token_env="MS_TEST_ADMIN",
+                           api_key_env="MS_TEST_KEY")
+    body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for headers, expected in (({}, 401), ({"Authorization": "Bearer wrong"}, 401),
+                              ({"Authorization": "Bearer inference-secret"}, 200),
+                              ({"Authorization": "Bearer admin-secret"}, 200)):
+        async with d.http.post(f"{d.url}/v1/chat/completions", json=body, headers=headers) as response:
+            assert response.status == expected
+            if expected == 401:
+                assert (await response.json())["error"]["code"] == "unauthorized"
+    for headers, expected in (({}, 401), ({"Authorization": "Bearer inference-secret"}, 401),
+                              ({"Authorization": "Bearer admin-secret"}, 200)):
+        async with d.http.post(f"{d.url}/models/a/unload", headers=headers) as response:
+            assert response.status == expected
+    assert (await d.get_json("/health"))[0] == 200  # health and status stay open for routers and monitors
+    assert (await d.get_json("/status"))[0] == 200
