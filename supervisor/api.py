@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import os
@@ -22,6 +24,9 @@ from .scheduler import ModelView
 log = structlog.get_logger("supervisor.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+EVENTS_KEEPALIVE_S = 15.0
+EVENTS_COALESCE_S = 0.1  # a swap is several state changes in a few ms: one event for them
 
 
 class Api:
@@ -45,6 +50,7 @@ class Api:
             web.get("/health", self.health),
             web.get("/health/{model}", self.model_health),
             web.get("/status", self.status),
+            web.get("/events", self.events),
             web.get("/running", self.running),
             web.get("/logs/{model}", self.logs),
             web.post("/models/{model}/load", self.admin(self.load)),
@@ -157,13 +163,27 @@ class Api:
         return error_response(503, "model_not_ready", message, extra=body)
 
     async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status_document())
+
+    def status_document(self) -> dict[str, Any]:
         views = self._views()
-        return web.json_response({
+        return {
             "gaming_mode": self.driver.gaming,
             "memory": self._memory_document(),
             "models": {name: self._model_document(view) for name, view in views.items()},
             "leases": self._lease_documents(),
-        })  # fmt: skip
+        }
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: the /status document now and after every change (bursts coalesced)."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        while True:
+            document = json.dumps(self.status_document())
+            await response.write(f"event: status\ndata: {document}\n\n".encode())
+            with contextlib.suppress(TimeoutError):  # nothing changed for a while: send it again as a keep-alive
+                await asyncio.wait_for(self.driver.next_change(), EVENTS_KEEPALIVE_S)
+            await asyncio.sleep(EVENTS_COALESCE_S)
 
     def _memory_document(self) -> list[dict[str, Any]]:
         """Per device (one today: [gpu] device): what the probe reads and how the daemon divides it."""

@@ -42,6 +42,7 @@ class Daemon:
         self.port = config.daemon.port if port is None else port
         self.probe = probe
         self.driver: Driver | None = None
+        self.proxy: Proxy | None = None
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
 
@@ -66,7 +67,8 @@ class Daemon:
         self.driver = Driver(self.config, self.binary, self._http, self.probe, learned, gaming)
         await self.driver.start()
         cloud = CloudClient(self.config, self._http)
-        api = Api(self.config, self.driver, Proxy(self.config, self.driver, self._http, cloud))
+        self.proxy = Proxy(self.config, self.driver, self._http, cloud)
+        api = Api(self.config, self.driver, self.proxy)
         # handler_cancellation: a client that disconnects cancels its handler, which cancels the upstream call.
         self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()

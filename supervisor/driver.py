@@ -202,6 +202,10 @@ class Driver:
         self.dispatch(DropWaiters(reason, self.now()))
         await self.unload(None)
 
+    async def next_change(self) -> None:
+        """Return at the next state change."""
+        await self._changed.wait()
+
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until predicate() holds; it is checked after every state change, never by polling."""
         while not predicate():

@@ -20,6 +20,7 @@ from aiohttp import web
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from .config import CloudConfig, Config
+from .records import ResponseTail
 from .responses import NOT_FORWARDED_UP, ApiError, stream_through
 
 log = structlog.get_logger("supervisor.fallback")
@@ -39,7 +40,7 @@ class CloudClient:
         return self.config.cloud.get(name)
 
     async def forward(self, request: web.Request, body: bytes, target_name: str, model: str | None,
-                      reason: str) -> web.StreamResponse:
+                      reason: str, tail: ResponseTail | None = None) -> web.StreamResponse:
         """Send the request to the cloud target; model is the local model it stands in for (None: asked directly)."""
         target = self.config.cloud[target_name]
         payload = json.loads(body)
@@ -56,7 +57,7 @@ class CloudClient:
             self._notify_fallback(model, target_name, reason)
         upstream = await self._open(target_name, target.base_url + suffix, json.dumps(payload).encode(), headers)
         extra = {"X-Served-By": "cloud", "X-Fallback-Reason": reason}
-        return await stream_through(request, upstream, extra, label=f"cloud target {target_name!r}")
+        return await stream_through(request, upstream, extra, label=f"cloud target {target_name!r}", tail=tail)
 
     async def _open(self, name: str, url: str, data: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
         try:

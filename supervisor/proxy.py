@@ -7,7 +7,9 @@ which closes the upstream request (llama-server then stops generating) and retur
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import aiohttp
 import structlog
@@ -17,6 +19,7 @@ from .config import Config
 from .driver import Driver, Rejected, Ticket
 from .fallback import CloudClient
 from .process import HOST
+from .records import RequestObserver, RequestRecord, ResponseTail
 from .responses import NOT_FORWARDED_UP, ApiError, error_response, stream_through
 
 log = structlog.get_logger("supervisor.proxy")
@@ -49,6 +52,7 @@ class Proxy:
         self.driver = driver
         self.http = http
         self.cloud = cloud
+        self.observers: list[RequestObserver] = []  # told about every request that named a model
 
     async def openai(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
@@ -66,9 +70,11 @@ class Proxy:
         model = self.config.resolve(name)
         if model is None:
             if name in self.config.cloud and not local_only:  # asked for the cloud target itself
-                return await self.cloud.forward(request, body, name, None, reason="requested")
+                report = _Report(self, request, name, name)
+                return await report.cloud(self.cloud.forward(request, body, name, None, "requested", report.tail),
+                                          name, "requested")  # fmt: skip
             return self.unknown_model(name)
-        return await self._serve(request, model, request.path, body, local_only, force)
+        return await self._serve(request, name, model, request.path, body, local_only, force)
 
     async def upstream(self, request: web.Request) -> web.StreamResponse:
         """ANY /upstream/{model}/{path}: raw pass-through to that model's llama-server (loading it)."""
@@ -79,26 +85,40 @@ class Proxy:
         body = await request.read()
         # Raw paths mean nothing to a cloud target: this route is local only.
         force = flag_header(request, "X-Force-Big")
-        return await self._serve(request, model, "/" + request.match_info["path"], body, True, force)
+        return await self._serve(request, name, model, "/" + request.match_info["path"], body, True, force)
 
     def unknown_model(self, name: str) -> web.Response:
         error = unknown_model_error(self.config, name)
         return error_response(error.status, error.code, error.message)
 
-    async def _serve(self, request: web.Request, model: str, path: str, body: bytes, local_only: bool,
-                     force: bool) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, requested: str, model: str, path: str, body: bytes,
+                     local_only: bool, force: bool) -> web.StreamResponse:
+        report = _Report(self, request, requested, model)
         try:
             ticket = await self.driver.acquire(model, local_only=local_only, force=force)
         except Rejected as rejected:
+            report.done("rejected", "local", rejected.status, None)
             return rejection_response(rejected)
+        except asyncio.CancelledError:
+            report.done("rejected", "local", 499, None)
+            raise
+        report.waited()
         if ticket.target is not None:
-            return await self.cloud.forward(request, body, ticket.target, model, ticket.reason or "unavailable")
+            reason = ticket.reason or "unavailable"
+            forwarding = self.cloud.forward(request, body, ticket.target, model, reason, report.tail)
+            return await report.cloud(forwarding, ticket.target, reason)
         try:
-            return await self._forward(request, ticket, path, body)
+            response = await self._forward(request, ticket, path, body, report.tail)
+            report.done("local", "local", response.status, None)
+            return response
+        except asyncio.CancelledError:
+            report.done("local", "local", 499, None)
+            raise
         finally:
             self.driver.release(ticket)
 
-    async def _forward(self, request: web.Request, ticket: Ticket, path: str, body: bytes) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, ticket: Ticket, path: str, body: bytes,
+                       tail: ResponseTail) -> web.StreamResponse:
         url = f"http://{HOST}:{ticket.port}{path}"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED_UP}
         try:
@@ -108,4 +128,52 @@ class Proxy:
             )
         except (aiohttp.ClientError, OSError) as exc:
             return error_response(502, "upstream_unreachable", f"model {ticket.model!r} did not answer: {exc}")
-        return await stream_through(request, upstream, {"X-Served-By": "local"}, label=f"model {ticket.model!r}")
+        return await stream_through(request, upstream, {"X-Served-By": "local"}, label=f"model {ticket.model!r}",
+                                    tail=tail)
+
+
+class _Report:
+    """Times one request and tells the proxy's observers how it went, once."""
+
+    def __init__(self, proxy: Proxy, request: web.Request, requested: str, model: str):
+        self.proxy, self.request, self.requested, self.model = proxy, request, requested, model
+        self.started_at = time.time()
+        self.arrived = time.monotonic()
+        self.wait_ms = 0.0
+        self.tail = ResponseTail()
+        self.sent = False
+
+    def waited(self) -> None:
+        self.wait_ms = (time.monotonic() - self.arrived) * 1000
+
+    async def cloud(self, forwarding, target: str, reason: str) -> web.StreamResponse:
+        try:
+            response = await forwarding
+        except ApiError as error:
+            self.done("cloud", target, error.status, reason)
+            raise
+        except asyncio.CancelledError:
+            self.done("cloud", target, 499, reason)
+            raise
+        self.done("cloud", target, response.status, reason)
+        return response
+
+    def done(self, route: str, provider: str, status: int, reason: str | None) -> None:
+        if self.sent or not self.proxy.observers:
+            return
+        self.sent = True
+        now = time.monotonic()
+        tokens_in, tokens_out = self.tail.tokens() if route != "rejected" else (None, None)
+        first = self.tail.first_byte_at
+        record = RequestRecord(
+            started_at=self.started_at, requested=self.requested, model=self.model, provider=provider, route=route,
+            endpoint=self.request.path, status=status, fallback_reason=reason, tokens_in=tokens_in,
+            tokens_out=tokens_out, wait_ms=round(self.wait_ms if route != "rejected" else (now - self.arrived) * 1000, 3),
+            ttft_ms=None if first is None else round((first - self.arrived) * 1000, 3),
+            total_ms=round((now - self.arrived) * 1000, 3),
+        )  # fmt: skip
+        for observer in list(self.proxy.observers):
+            try:
+                observer(record)
+            except Exception:  # the ledger or metrics failing must not fail the request
+                log.exception("request_observer_failed")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp import web
+
+from .records import ResponseTail
 
 log = structlog.get_logger("supervisor.proxy")
 
@@ -42,7 +45,7 @@ def error_response(status: int, code: str, message: str, retry_after_s: int | No
 
 
 async def stream_through(request: web.Request, upstream: aiohttp.ClientResponse, extra_headers: dict[str, str],
-                         label: str) -> web.StreamResponse:
+                         label: str, tail: ResponseTail | None = None) -> web.StreamResponse:
     """Copy an upstream response to the client as it arrives: status, headers (less hop-by-hop), body chunks.
 
     The body is never parsed. If the upstream breaks off mid-body, an SSE stream gets a final error event (the
@@ -59,6 +62,8 @@ async def stream_through(request: web.Request, upstream: aiohttp.ClientResponse,
         await response.prepare(request)
         try:
             async for chunk in upstream.content.iter_any():
+                if tail is not None:
+                    tail.add(chunk, time.monotonic())
                 await response.write(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             log.warning("upstream_cut", upstream=label, error=str(exc))

@@ -267,3 +267,44 @@ async def test_tokens_guard_admin_and_inference_endpoints(start_daemon, tiny_mod
             assert response.status == expected
     assert (await d.get_json("/health"))[0] == 200  # health and status stay open for routers and monitors
     assert (await d.get_json("/status"))[0] == 200
+
+
+async def test_each_request_is_reported_with_tokens_and_timings(start_daemon, tiny_models):
+    d = await start_daemon(swap_pair(tiny_models), SWAP_GROUP, queue_timeout_s=0.5)
+    records = []
+    d.daemon.proxy.observers.append(records.append)
+    assert (await d.chat("a", content="hi", max_tokens=5))[0] == 200
+    body = {"model": "a", "stream": True, "max_tokens": 7, "messages": [{"role": "user", "content": "hi"}]}
+    async with d.http.post(f"{d.url}/v1/chat/completions", json=body) as stream:
+        await stream.read()
+    plain, streamed = records
+    assert (plain.model, plain.provider, plain.route, plain.status, plain.tokens_out) == ("a", "local", "local", 200, 5)
+    assert plain.tokens_in and plain.tokens_in > 5
+    assert streamed.tokens_out == 7 and streamed.tokens_in == plain.tokens_in  # from llama-server's timings
+    assert 0 < plain.ttft_ms <= plain.total_ms and plain.wait_ms > 0  # the first one waited for the load
+    async with d.http.post(f"{d.url}/v1/chat/completions", json=body) as holding:
+        await holding.content.readline()
+        status, _, _ = await d.chat("b")
+        assert status == 503
+    rejected = records[-2] if records[-1].model == "a" else records[-1]
+    assert (rejected.model, rejected.route, rejected.status, rejected.tokens_in) == ("b", "rejected", 503, None)
+
+
+async def test_events_stream_the_status_document_as_it_changes(start_daemon, tiny_models):
+    d = await start_daemon(swap_pair(tiny_models), SWAP_GROUP)
+    async with d.http.get(f"{d.url}/events") as events:
+        assert events.headers["Content-Type"] == "text/event-stream"
+
+        async def next_status() -> dict:
+            while True:
+                line = await events.content.readline()
+                if line.startswith(b"data: "):
+                    return json.loads(line[6:])
+
+        first = await next_status()
+        assert first["models"]["a"]["state"] == "unloaded"
+        chat = asyncio.ensure_future(d.chat("a"))
+        states = set()
+        while "ready" not in states:
+            states.add((await next_status())["models"]["a"]["state"])
+        assert (await chat)[0] == 200
