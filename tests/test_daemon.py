@@ -270,7 +270,9 @@ async def test_tokens_guard_admin_and_inference_endpoints(start_daemon, tiny_mod
 
 
 async def test_each_request_is_reported_with_tokens_and_timings(start_daemon, tiny_models):
-    d = await start_daemon(swap_pair(tiny_models), SWAP_GROUP, queue_timeout_s=0.5)
+    models = swap_pair(tiny_models)
+    models["a"]["args"] = ["-c", "8192"]
+    d = await start_daemon(models, SWAP_GROUP, queue_timeout_s=0.5)
     records = []
     d.daemon.proxy.observers.append(records.append)
     assert (await d.chat("a", content="hi", max_tokens=5))[0] == 200
@@ -282,8 +284,9 @@ async def test_each_request_is_reported_with_tokens_and_timings(start_daemon, ti
     assert plain.tokens_in and plain.tokens_in > 5
     assert streamed.tokens_out == 7 and streamed.tokens_in == plain.tokens_in  # from llama-server's timings
     assert 0 < plain.ttft_ms <= plain.total_ms and plain.wait_ms > 0  # the first one waited for the load
-    async with d.http.post(f"{d.url}/v1/chat/completions", json=body) as holding:
-        await holding.content.readline()
+    long_stream = {**body, "max_tokens": 4000}
+    async with d.http.post(f"{d.url}/v1/chat/completions", json=long_stream) as holding:
+        await holding.content.readline()  # a stays busy while we do not read on
         status, _, _ = await d.chat("b")
         assert status == 503
     rejected = records[-2] if records[-1].model == "a" else records[-1]
