@@ -9,6 +9,7 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -25,15 +26,17 @@ log = structlog.get_logger("supervisor.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
 EVENTS_KEEPALIVE_S = 15.0
 EVENTS_COALESCE_S = 0.1  # a swap is several state changes in a few ms: one event for them
 
 
 class Api:
-    def __init__(self, config: Config, driver: Driver, proxy: Proxy):
+    def __init__(self, config: Config, driver: Driver, proxy: Proxy, ledger: Any = None):
         self.config = config
         self.driver = driver
         self.proxy = proxy
+        self.ledger = ledger  # supervisor.ledger.Ledger, or None when state_dir is unusable
         self.started = int(time.time())
         self.admin_token = os.environ.get(config.daemon.admin_token_env, "") if config.daemon.admin_token_env else ""
         self.api_key = os.environ.get(config.daemon.api_key_env, "") if config.daemon.api_key_env else ""
@@ -51,6 +54,8 @@ class Api:
             web.get("/health/{model}", self.model_health),
             web.get("/status", self.status),
             web.get("/events", self.events),
+            web.get("/", self.dashboard),
+            web.get("/usage", self.usage),
             web.get("/running", self.running),
             web.get("/logs/{model}", self.logs),
             web.post("/models/{model}/load", self.admin(self.load)),
@@ -149,6 +154,22 @@ class Api:
             "allow_in_gaming": self.config.models[view.name].allow_in_gaming,
             "last_error": view.last_error,
         }
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        return web.Response(body=DASHBOARD.read_bytes(), content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-cache"})
+
+    async def usage(self, request: web.Request) -> web.Response:
+        """Requests, tokens, local share and money over the last `days` days (the ledger's figures)."""
+        try:
+            days = float(request.query.get("days", "7"))
+        except ValueError:
+            raise ApiError(400, "invalid_request", "'days' must be a number") from None
+        if not 0 < days <= 3660:
+            raise ApiError(400, "invalid_request", "'days' must be between 0 and 3660")
+        if self.ledger is None:
+            raise ApiError(503, "ledger_unavailable", "the usage ledger is not available (state_dir not writable)")
+        return web.json_response(await asyncio.to_thread(self.ledger.usage, days))
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
