@@ -37,6 +37,7 @@ class Api:
         self.driver = driver
         self.proxy = proxy
         self.ledger = ledger  # supervisor.ledger.Ledger, or None when state_dir is unusable
+        self.metrics: Any = None  # supervisor.metrics.Metrics, set by the daemon
         self.started = int(time.time())
         self.admin_token = os.environ.get(config.daemon.admin_token_env, "") if config.daemon.admin_token_env else ""
         self.api_key = os.environ.get(config.daemon.api_key_env, "") if config.daemon.api_key_env else ""
@@ -56,6 +57,7 @@ class Api:
             web.get("/events", self.events),
             web.get("/", self.dashboard),
             web.get("/usage", self.usage),
+            web.get("/metrics", self.prometheus),
             web.get("/running", self.running),
             web.get("/logs/{model}", self.logs),
             web.post("/models/{model}/load", self.admin(self.load)),
@@ -154,6 +156,13 @@ class Api:
             "allow_in_gaming": self.config.models[view.name].allow_in_gaming,
             "last_error": view.last_error,
         }
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        if self.metrics is None:
+            raise ApiError(503, "metrics_unavailable", "metrics are not set up")
+        response = web.Response(body=self.metrics.render())
+        response.headers["Content-Type"] = self.metrics.content_type
+        return response
 
     async def dashboard(self, request: web.Request) -> web.Response:
         return web.Response(body=DASHBOARD.read_bytes(), content_type="text/html", charset="utf-8",

@@ -17,7 +17,9 @@ from .estimate import LearnedStore
 from .fallback import CloudClient
 from .gaming import GamingStore
 from .gpu import Probe, open_probe
+from .metrics import Metrics
 from .proxy import Proxy
+from .systemd import Notifier, StatusReporter, describe
 
 log = structlog.get_logger("supervisor")
 
@@ -68,7 +70,11 @@ class Daemon:
         await self.driver.start()
         cloud = CloudClient(self.config, self._http)
         self.proxy = Proxy(self.config, self.driver, self._http, cloud)
+        self.metrics = Metrics(self.driver)
+        self.driver.observers.append(self.metrics.on_event)
+        self.proxy.observers.append(self.metrics.on_request)
         api = Api(self.config, self.driver, self.proxy)
+        api.metrics = self.metrics
         # handler_cancellation: a client that disconnects cancels its handler, which cancels the upstream call.
         self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
@@ -105,19 +111,52 @@ class Daemon:
         log.info("daemon_stopped")
 
 
-async def serve(config: Config, binary: str) -> int:
-    """Run until SIGTERM or SIGINT; returns the exit code."""
+# Startup work before READY=1 (memory probe, restoring gaming mode) gets this much on top of TimeoutStartSec.
+START_EXTENSION_S = 60
+# Time for the process to exit after the children are gone (runner cleanup, closing the probe).
+STOP_MARGIN_S = 15
+
+
+async def serve(config: Config, binary: str, notifier: Notifier | None = None) -> int:
+    """Run until SIGTERM or SIGINT; returns the exit code. Tells systemd (Type=notify) how it goes."""
+    notifier = notifier if notifier is not None else Notifier.from_environment()
     daemon = Daemon(config, binary)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    notifier.extend_timeout(START_EXTENSION_S)
+    notifier.status("starting")
     try:
         await daemon.start()
+        # Startup preloads of models would go here, before READY=1: each one preceded by
+        # notifier.extend_timeout(config.daemon.health_timeout_s + margin), so a slow load is not killed by
+        # TimeoutStartSec while a hung one still is.
     except OSError as exc:
         log.error("cannot_listen", listen=config.daemon.listen, error=str(exc))
+        notifier.status(f"cannot listen on {config.daemon.listen}: {exc}")
         await daemon.stop()
+        notifier.close()
         return 1
-    await stop.wait()
-    await daemon.stop()
+    driver = daemon.driver
+    assert driver is not None
+    status = StatusReporter(notifier, lambda: describe(driver.core.views(driver.now()), driver.gaming))
+    driver.observers.append(status.changed)
+    first = status.current()
+    notifier.ready(first)  # the HTTP server answers from here on
+    status.sent(first)
+    watchdog = asyncio.create_task(notifier.run_watchdog())
+    try:
+        await stop.wait()
+        # Draining in-flight requests and stopping children may take longer than TimeoutStopSec when the config
+        # asks for long bounds: say so, so systemd does not SIGKILL a drain that is within them.
+        status.prefix = "stopping: "
+        notifier.stopping(status.current())
+        notifier.extend_timeout(config.daemon.drain_timeout_s + config.daemon.stop_timeout_s + STOP_MARGIN_S)
+        await daemon.stop()
+    finally:
+        # Pings went on while stopping; a stop that hangs is bounded by the unit's stop timeout, not the watchdog.
+        watchdog.cancel()
+        status.close()
+        notifier.close()
     return 0

@@ -424,7 +424,7 @@ class Driver:
         self.children[name] = server
         started = self.now()
         log.info("model_loading", model=name, displaced=list(action.displaced))
-        self._notify("starting", {"model": name})
+        self._notify("starting", {"model": name, "cause": action.cause})
         used_before = self.snapshot.used_mb if self.snapshot is not None else None
         alone = len(self._loading) <= 1
         try:
@@ -447,7 +447,7 @@ class Driver:
             since = action.swap_started if action.swap_started is not None else started
             log.info("swap", to=name, displaced=list(action.displaced), swap_ms=self._ms(since),
                      load_ms=round(load_s * 1000))
-        self._notify("spawned", {"model": name, "pid": server.pid, "port": server.port})
+        self._notify("spawned", {"model": name, "pid": server.pid, "port": server.port, "load_s": load_s})
         self.dispatch(LoadSucceeded(name, action.instance, server.port, server.pid, load_s, self.now()))  # type: ignore[arg-type]
         self._learn(name, server.pid, used_before, alone and len(self._loading) == 0)  # type: ignore[arg-type]
         code = await server.wait()
@@ -455,7 +455,7 @@ class Driver:
             self.ports.release(server.port)
             detail = f"llama-server exited unexpectedly (code {code}); last output:\n{server.log.tail()}"
             log.error("model_crashed", model=name, code=code)
-            self._notify("exited", {"model": name, "code": code})
+            self._notify("exited", {"model": name, "code": code, "cause": "crash"})
             self.dispatch(ProcessExited(name, action.instance, detail, self.now()))
 
     async def _stop_child(self, action: StopProcess) -> None:

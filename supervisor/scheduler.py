@@ -222,6 +222,7 @@ class StartProcess:
     # Models stopped to make room for this one, and since when it waited for them (for the swap log line).
     displaced: tuple[str, ...] = ()
     swap_started: float | None = None
+    cause: str = "request"  # "request", or "admin" for an explicit load
 
 
 @dataclass(frozen=True)
@@ -658,7 +659,7 @@ class SchedulerCore:
         if state is None:
             actions.append(self._grant_lease(waiter, now))
         else:
-            actions.append(self._start(state, now))
+            actions.append(self._start(state, now, "admin" if waiter.kind == "load" else "request"))
         return "placed"
 
     def _candidates(self, state: ModelState | None, waiter: Waiter, claimed: list[str],
@@ -825,13 +826,13 @@ class SchedulerCore:
     def _kept_out_by_gaming(self, state: ModelState, force: bool) -> bool:
         return self.gaming and not state.config.allow_in_gaming and not force
 
-    def _start(self, state: ModelState, now: float) -> StartProcess:
+    def _start(self, state: ModelState, now: float, cause: str) -> StartProcess:
         for waiter in [w for w in self.waiters.values() if w.detached and w.model == state.name]:
             del self.waiters[waiter.request_id]  # the load they kept their place for is under way
         state.phase = Phase.LOADING
         state.instance += 1
         state.load_started = now
-        action = StartProcess(state.name, state.instance, state.displaced, state.swap_started)
+        action = StartProcess(state.name, state.instance, state.displaced, state.swap_started, cause)
         state.displaced, state.swap_started = (), None
         return action
 
