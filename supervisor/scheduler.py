@@ -5,7 +5,9 @@ clock (every event carries ``now``), so it is tested with plain values. The driv
 events from HTTP handlers and process effects, and carries out the actions it returns.
 
 Rules (see docs/architecture.md):
-- A waiting request is served in rank order: model priority first, then arrival.
+- A waiting request is served in rank order: model priority first, then arrival. With batching on, requests for a
+  model that is already loaded go before those that would swap it out, until one of those has waited
+  ``max_batch_wait_s``; a loaded model stays at least ``min_residency_s`` before a swap may take it.
 - Requests for a loading model join that load; one load per model at a time.
 - Loading a model first stops the models it displaces (its swap group; other non-persistent groups when its group
   is exclusive). A model with requests in flight is never stopped: new requests for it wait while it drains.
@@ -299,6 +301,7 @@ class ModelState:
     displaced: tuple[str, ...] = ()
     swap_started: float | None = None
     need_mb: int = 0  # what it holds once loaded: config vram_mb, else estimate, else learned
+    ready_since: float = 0.0
 
 
 @dataclass
@@ -364,6 +367,9 @@ def restart_delay(failures: int) -> float:
 class SchedulerCore:
     def __init__(self, config: Config, needs_mb: dict[str, int] | None = None):
         self.queue_timeout_s = config.daemon.queue_timeout_s
+        self.batching = config.scheduler.batching
+        self.max_batch_wait_s = config.scheduler.max_batch_wait_s
+        self.min_residency_s = config.scheduler.min_residency_s
         self.reserve_mb = config.gpu.reserve_mb
         self.models: dict[str, ModelState] = {
             name: ModelState(name=name, config=model, group=config.group_of(name), need_mb=(needs_mb or {}).get(name, 0))
@@ -373,7 +379,9 @@ class SchedulerCore:
         self.granted: dict[int, tuple[str, int]] = {}  # request id -> (model, instance), while in flight
         self.leases: dict[int, Lease] = {}
         self.budget: Budget | None = None  # None until the first measurement: nothing is limited by memory
-        self._doomed: set[str] = set()  # models a queued placement needs gone (they take no new requests)
+        # Models a queued placement needs gone (they drain), with the rank of the waiter that needs it: a request
+        # ranked before that waiter may still be served.
+        self._doomed: dict[str, tuple] = {}
         self._short_of_memory: set[str] = set()  # models whose placement waits for memory
         self.gaming = False
         self._seq = 0
@@ -407,7 +415,7 @@ class SchedulerCore:
                     state.phase = Phase.READY
                     state.port, state.pid = event.port, event.pid
                     state.last_load_s = event.load_s
-                    state.last_used = event.now
+                    state.last_used = state.ready_since = event.now
                     state.failures = 0
                     state.last_error = None
             case LoadFailed() | ProcessExited():
@@ -454,6 +462,12 @@ class SchedulerCore:
         times = [w.deadline for w in self.waiters.values()]
         times += [w.fallback_at for w in self.waiters.values() if w.fallback_at is not None and not w.detached]
         times += [lease.expires_at for lease in self.leases.values()]
+        if self.batching:  # when a waiter becomes overdue, the ranking changes
+            times += [w.arrived + self.max_batch_wait_s for w in self.waiters.values()
+                      if w.kind == "request" and self.models[w.model].phase is not Phase.READY]
+        if self.min_residency_s:
+            times += [s.ready_since + self.min_residency_s for s in self.models.values()
+                      if s.phase is Phase.READY and s.name in self._doomed]
         wanted = {w.model for w in self.waiters.values()}
         for state in self.models.values():
             expiry = self._ttl_expiry(state)
@@ -466,8 +480,13 @@ class SchedulerCore:
     def available_now(self, model: str) -> bool:
         """Would a request for this model arriving now be granted at once?"""
         state = self.models[model]
-        return (state.phase is Phase.READY and not state.unload_requested and model not in self._doomed
-                and not self._kept_out_by_gaming(state, force=False))
+        if state.phase is not Phase.READY or state.unload_requested or self._kept_out_by_gaming(state, force=False):
+            return False
+        doomer = self._doomed.get(model)
+        if doomer is None:
+            return True
+        # A new request ranks after every waiter of its class and priority; served if that is before the doomer.
+        return (-state.config.priority, 0 if self.batching else 1, float("inf")) < doomer
 
     def eta_ms(self, model: str, now: float) -> int | None:
         """Roughly how long until a request for this model could be served locally; None when unknown."""
@@ -561,10 +580,10 @@ class SchedulerCore:
         # waiter may not displace them). `doomed`: models a higher-ranked placement needs gone (they drain: no new
         # requests). Once a placement waits for memory, lower-ranked ones may not take memory before it.
         claimed: list[str] = []
-        doomed: set[str] = set()
+        doomed: dict[str, tuple] = {}
         self._short_of_memory = set()
         memory_blocked = False
-        for waiter in self._ranked():
+        for waiter in self._ranked(now):
             if waiter.request_id not in self.waiters:
                 continue  # removed earlier in this walk (a detached place whose load just started)
             if waiter.kind == "lease":
@@ -616,7 +635,7 @@ class SchedulerCore:
         actions += self._expire_idle(now)
         return actions
 
-    def _place(self, state: ModelState | None, waiter: Waiter, claimed: list[str], doomed: set[str], now: float,
+    def _place(self, state: ModelState | None, waiter: Waiter, claimed: list[str], doomed: dict[str, tuple], now: float,
                actions: list[Action]) -> Literal["placed", "wait", "waiting_for_group", "rejected"]:
         """Make room for a model load (state) or a lease (state None), and place it once there is room."""
         lease = waiter.lease
@@ -643,8 +662,12 @@ class SchedulerCore:
                     return "wait"  # nothing we may stop frees enough: wait for leases, drains or other programs
                 memory_victims = [self.models[c.name] for c in chosen]
         victims = group_victims + memory_victims
+        rank = self._rank_key(waiter, now)
         for victim in victims:
-            doomed.add(victim.name)
+            doomed.setdefault(victim.name, rank)
+            resident_for = now - victim.ready_since
+            if victim.phase is Phase.READY and resident_for < self.min_residency_s:
+                continue  # too recently loaded to swap out: stopped once min_residency_s has passed
             if victim.phase is Phase.LOADING or (victim.phase is Phase.READY and not victim.in_flight):
                 cause: StopCause = "swap" if victim in group_victims else ("lease" if state is None else "memory")
                 actions.append(self._stop(victim, cause))
@@ -763,8 +786,18 @@ class SchedulerCore:
         waiter.seq = self._seq
         self.waiters[waiter.request_id] = waiter
 
-    def _ranked(self) -> list[Waiter]:
-        return sorted(self.waiters.values(), key=lambda w: (-w.priority, w.seq))
+    def _ranked(self, now: float) -> list[Waiter]:
+        return sorted(self.waiters.values(), key=lambda w: self._rank_key(w, now))
+
+    def _rank_key(self, waiter: Waiter, now: float) -> tuple:
+        """Priority first. With batching, requests for a loaded model next (serving them costs no swap), unless
+        a request has waited max_batch_wait_s, which then competes by arrival so nothing starves."""
+        batch_first = 1
+        if self.batching and waiter.kind != "lease":
+            loaded = self.models[waiter.model].phase is Phase.READY
+            overdue = now - waiter.arrived >= self.max_batch_wait_s
+            batch_first = 0 if loaded or overdue else 1
+        return (-waiter.priority, batch_first, waiter.seq)
 
     def _resident(self) -> list[ModelState]:
         return [s for s in self.models.values() if s.phase in RESIDENT]
@@ -805,7 +838,7 @@ class SchedulerCore:
             return [Fallback(waiter.request_id, waiter.model, state.config.fallback, code)]  # type: ignore[arg-type]
         return [self._reject(waiter, status, code, message, retry_after_s)]
 
-    def _fall_back(self, waiter: Waiter, state: ModelState, doomed: set[str]) -> Fallback:
+    def _fall_back(self, waiter: Waiter, state: ModelState, doomed: dict[str, tuple]) -> Fallback:
         """Waited fallback_after_ms: answer from the cloud, but keep the place so the local load goes on."""
         waiter.detached = True
         if state.phase is Phase.FAILED:

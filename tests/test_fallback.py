@@ -204,7 +204,7 @@ async def test_the_webhook_is_told_once_a_minute_per_model(start_daemon, tiny_mo
 async def test_gaming_mode_unloads_sends_to_the_cloud_honours_force_big_and_survives_a_restart(
     start_daemon, tiny_models, cloud, cloud_key, tmp_path
 ):
-    models = two_models(tiny_models)
+    models = two_models(tiny_models, fallback_after_ms=30_000)  # local unless gaming mode says otherwise
     models["small"] = {"model": str(tiny_models[3]), "args": ["-c", "512"], "allow_in_gaming": True, "group": "other"}
     state_dir = str(tmp_path / "gaming-state")
     d = await start_daemon(models, OTHER, cloud=cloud_settings(cloud), state_dir=state_dir)

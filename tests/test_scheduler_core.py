@@ -39,10 +39,11 @@ class Sim:
     """Drives a SchedulerCore the way the driver would, with a hand-moved clock."""
 
     def __init__(self, models: dict, groups: dict | None = None, queue_timeout_s: float = 30,
-                 needs: dict[str, int] | None = None, reserve_mb: int = 0):
+                 needs: dict[str, int] | None = None, reserve_mb: int = 0, scheduler: dict | None = None):
         config = parse_config(
             {
                 "daemon": {"queue_timeout_s": queue_timeout_s},
+                "scheduler": scheduler or {},
                 "cloud": {"frontier": {"base_url": "http://127.0.0.1:9/v1", "model": "big-model"}},
                 "gpu": {"reserve_mb": reserve_mb},
                 "groups": groups or {},
@@ -146,8 +147,8 @@ def test_swap_in_one_group_stops_the_idle_model_first():
     assert kinds(sim.loaded("b")) == [("grant", rb, "b")]
 
 
-def test_a_model_with_requests_in_flight_drains_before_a_swap_and_takes_no_new_requests():
-    sim = Sim(SWAP_PAIR, MAIN_SWAP)
+def test_without_batching_a_busy_model_drains_before_a_swap_and_takes_no_new_requests():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP, scheduler={"batching": False})
     ra, _ = sim.request("a")
     sim.loaded("a")
     rb, actions = sim.request("b")
@@ -402,7 +403,7 @@ def test_among_equal_priorities_the_least_recently_used_goes():
 
 
 def test_a_busy_model_is_never_stopped_for_memory_it_drains_first():
-    sim = memory_sim(needs={"p": 6000, "q": 6000, "r": 6000})
+    sim = memory_sim(needs={"p": 6000, "q": 6000, "r": 6000}, scheduler={"batching": False})
     busy, _ = sim.request("p")
     sim.loaded("p")
     r, actions = sim.request("r")
@@ -617,3 +618,44 @@ def test_eta_comes_from_the_last_load_and_what_must_stop_first():
     assert sim.core.eta_ms("b", sim.now) == 50 + 200  # its load, after stopping a
     busy, _ = sim.request("a")
     assert sim.core.eta_ms("b", sim.now) is None  # a is busy: depends on when that finishes
+
+
+# ---------------------------------------------------------------- swap-aware batching, residency
+
+def test_batching_serves_what_is_queued_for_the_loaded_model_before_swapping_away():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP, scheduler={"max_batch_wait_s": 10})
+    busy, _ = sim.request("a")
+    sim.loaded("a")
+    rb, _ = sim.request("b")  # would swap a out...
+    ra2, actions = sim.request("a")  # ...but a is loaded: this one goes first, no swap needed for it
+    assert kinds(actions) == [("grant", ra2, "a")]
+    assert sim.core.available_now("a")
+    sim.finish(busy)
+    assert kinds(sim.finish(ra2)) == [("stop", "a", "swap")]  # nothing left for a: now b gets its turn
+    assert kinds(sim.stopped("a")) == [("start", "b")]
+
+
+def test_batching_is_bounded_so_a_waiting_swap_is_not_starved():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP, scheduler={"max_batch_wait_s": 5})
+    busy, _ = sim.request("a")
+    sim.loaded("a")
+    rb, _ = sim.request("b")
+    assert sim.core.next_wakeup() == pytest.approx(5)
+    sim.advance(4.9)
+    r_early, actions = sim.request("a")
+    assert kinds(actions) == [("grant", r_early, "a")]
+    sim.advance(0.1)  # b has now waited max_batch_wait_s: it competes by arrival and comes first
+    r_late, actions = sim.request("a")
+    assert actions == [] and not sim.core.available_now("a")
+    sim.finish(busy)
+    assert kinds(sim.finish(r_early)) == [("stop", "a", "swap")]
+    assert kinds(sim.stopped("a")) == [("start", "b")]
+
+
+def test_min_residency_keeps_a_fresh_model_loaded_for_a_while():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP, scheduler={"min_residency_s": 3})
+    sim.serve("a")
+    rb, actions = sim.request("b")
+    assert actions == []  # a was loaded just now
+    assert sim.core.next_wakeup() == pytest.approx(3)
+    assert kinds(sim.advance(3)) == [("stop", "a", "swap")]

@@ -36,6 +36,7 @@ from supervisor.scheduler import (
 MODELS = ["a", "b", "c", "e"]
 CONFIG = parse_config({
     "daemon": {"queue_timeout_s": 5},
+    "scheduler": {"max_batch_wait_s": 2, "min_residency_s": 0.5},
     "cloud": {"frontier": {"base_url": "http://127.0.0.1:9", "model": "big"}},
     "groups": {
         "main": {"swap": True, "exclusive": True},
