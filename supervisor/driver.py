@@ -26,7 +26,8 @@ from .config import Config
 from .estimate import LearnedStore, estimate_model
 from .gaming import GamingDetector, GamingStore, running_process_names
 from .gpu import MemorySnapshot, Probe, ProbeError
-from .process import LlamaServer, LoadError, LogRing, PortPool
+from .estimate import shard_paths
+from .process import LlamaServer, LoadError, LogRing, PortPool, prewarm
 from .scheduler import (
     RESIDENT,
     DropWaiters,
@@ -35,6 +36,7 @@ from .scheduler import (
     GamingChanged,
     Grant,
     GrantLease,
+    Prewarm,
     LeaseEnded,
     LeaseReleased,
     LeaseRenewed,
@@ -392,6 +394,8 @@ class Driver:
                 self._unwatch_holder(action.lease_id)
                 log.info("lease_ended", lease=action.lease_id, owner=action.owner, reason=action.reason)
                 self._notify("lease_ended", {"lease": action.lease_id, "reason": action.reason})
+            case Prewarm():
+                self._spawn_task(self._prewarm(action.model))
             case StartProcess():
                 self._loading[action.model] = self._spawn_task(self._run_child(action))
             case StopProcess():
@@ -457,6 +461,12 @@ class Driver:
             log.error("model_crashed", model=name, code=code)
             self._notify("exited", {"model": name, "code": code, "cause": "crash"})
             self.dispatch(ProcessExited(name, action.instance, detail, self.now()))
+
+    async def _prewarm(self, name: str) -> None:
+        started = self.now()
+        asked = await asyncio.to_thread(prewarm, shard_paths(self.config.models[name].model))
+        log.info("prewarm", model=name, mb=asked // 2**20, ms=self._ms(started))
+        self._notify("prewarm", {"model": name, "bytes": asked})
 
     async def _stop_child(self, action: StopProcess) -> None:
         server = self.children.get(action.model)

@@ -76,7 +76,7 @@ class GgufFacts:
 _SHARD = re.compile(r"^(?P<base>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
-def _shards(path: Path) -> list[Path]:
+def shard_paths(path: Path) -> list[Path]:
     """The files of a split model given its first shard (llama.cpp's NAME-00001-of-0000N.gguf), else [path]."""
     match = _SHARD.match(path.name)
     if not match or int(match["no"]) != 1:
@@ -87,7 +87,7 @@ def _shards(path: Path) -> list[Path]:
 
 def read_gguf_facts(path) -> GgufFacts:
     """Shape and tensor sizes of a GGUF model; pass the first shard of a split model to get all shards."""
-    files = _shards(Path(path))
+    files = shard_paths(Path(path))
     reader = gguf.GGUFReader(files[0])  # metadata lives in the first shard
 
     def value(key: str, default: int | str | None = None):

@@ -252,6 +252,13 @@ class Reject:
 
 
 @dataclass(frozen=True)
+class Prewarm:
+    """Read the model's file ahead into the page cache: it loads next, once what is in its way is gone."""
+
+    model: str
+
+
+@dataclass(frozen=True)
 class Fallback:
     """Send this request to a cloud target instead; reason says why the local model could not serve it."""
 
@@ -275,7 +282,7 @@ class LeaseEnded:
     reason: str
 
 
-Action = StartProcess | StopProcess | Grant | Reject | Fallback | GrantLease | LeaseEnded
+Action = StartProcess | StopProcess | Grant | Reject | Fallback | Prewarm | GrantLease | LeaseEnded
 
 
 # ---------------------------------------------------------------- state
@@ -302,6 +309,7 @@ class ModelState:
     swap_started: float | None = None
     need_mb: int = 0  # what it holds once loaded: config vram_mb, else estimate, else learned
     ready_since: float = 0.0
+    prewarmed: bool = False  # asked for a read-ahead while waiting for this start
 
 
 @dataclass
@@ -676,6 +684,9 @@ class SchedulerCore:
                 state.displaced = tuple(sorted({*state.displaced, *(v.name for v in victims)}))
                 if state.swap_started is None:
                     state.swap_started = now
+                if not state.prewarmed:  # the disk works while the others drain and stop
+                    state.prewarmed = True
+                    actions.append(Prewarm(state.name))
             return "wait" if memory_victims else "waiting_for_group"
         if self.budget is not None and (self.free_mb() or 0) < need:
             return "wait"  # room is promised by models still unloading
@@ -866,7 +877,7 @@ class SchedulerCore:
         state.instance += 1
         state.load_started = now
         action = StartProcess(state.name, state.instance, state.displaced, state.swap_started, cause)
-        state.displaced, state.swap_started = (), None
+        state.displaced, state.swap_started, state.prewarmed = (), None, False
         return action
 
     def _grant(self, waiter: Waiter, state: ModelState) -> Grant:

@@ -135,3 +135,11 @@ async def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path, http)
     await child.stop(grace_s=0.3)
     assert child.returncode == -signal.SIGKILL
     assert "SIGKILL" in child.log.tail()
+
+
+def test_prewarm_asks_for_every_file_and_skips_missing_ones(tmp_path):
+    from supervisor.process import prewarm
+
+    shard = tmp_path / "m-00001-of-00002.gguf"
+    shard.write_bytes(b"x" * 4096)
+    assert prewarm([shard, tmp_path / "absent.gguf"]) == 4096

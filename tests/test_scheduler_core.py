@@ -9,6 +9,7 @@ from supervisor.scheduler import (
     DropWaiters,
     Fallback,
     GamingChanged,
+    Prewarm,
     Grant,
     GrantLease,
     LeaseEnded,
@@ -54,9 +55,13 @@ class Sim:
         self.now = 0.0
         self.next_id = 0
         self.log: list = []
+        self.prewarmed: list[str] = []
 
     def send(self, event) -> list:
         actions = self.core.handle(event)
+        # Read-aheads are advice, not decisions: kept apart so the other tests compare decisions only.
+        self.prewarmed += [a.model for a in actions if isinstance(a, Prewarm)]
+        actions = [a for a in actions if not isinstance(a, Prewarm)]
         self.log += actions
         return actions
 
@@ -659,3 +664,17 @@ def test_min_residency_keeps_a_fresh_model_loaded_for_a_while():
     assert actions == []  # a was loaded just now
     assert sim.core.next_wakeup() == pytest.approx(3)
     assert kinds(sim.advance(3)) == [("stop", "a", "swap")]
+
+
+def test_the_next_model_is_read_ahead_once_while_the_one_in_its_way_drains():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP)
+    busy, _ = sim.request("a")
+    sim.loaded("a")
+    sim.request("b")
+    assert sim.prewarmed == ["b"]
+    sim.request("b")
+    assert sim.prewarmed == ["b"]  # once per start, not per waiter
+    sim.finish(busy)
+    sim.stopped("a")
+    sim.loaded("b")
+    assert sim.prewarmed == ["b"]  # b did not have to wait again
