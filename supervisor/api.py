@@ -16,7 +16,7 @@ import psutil
 import structlog
 from aiohttp import web
 
-from .config import Config
+from .config import Config, ConfigError
 from .driver import Driver, Rejected
 from .proxy import Proxy, rejection_response, unknown_model_error
 from .responses import ApiError, error_response
@@ -33,14 +33,18 @@ EVENTS_COALESCE_S = 0.1  # a swap is several state changes in a few ms: one even
 
 class Api:
     def __init__(self, config: Config, driver: Driver, proxy: Proxy, ledger: Any = None):
-        self.config = config
         self.driver = driver
         self.proxy = proxy
         self.ledger = ledger  # supervisor.ledger.Ledger, or None when state_dir is unusable
         self.metrics: Any = None  # supervisor.metrics.Metrics, set by the daemon
+        self.reloader: Callable[[], dict[str, Any]] | None = None  # re-reads the config file; set by the daemon
         self.started = int(time.time())
         self.admin_token = os.environ.get(config.daemon.admin_token_env, "") if config.daemon.admin_token_env else ""
         self.api_key = os.environ.get(config.daemon.api_key_env, "") if config.daemon.api_key_env else ""
+
+    @property
+    def config(self) -> Config:
+        return self.driver.config  # the live config: a reload replaces it
 
     def app(self) -> web.Application:
         limit = int(self.config.daemon.max_body_mb * 1024 * 1024)
@@ -64,6 +68,7 @@ class Api:
             web.post("/models/{model}/unload", self.admin(self.unload)),
             web.post("/unload", self.admin(self.unload_all)),
             web.post("/stop-all", self.admin(self.stop_all)),
+            web.post("/reload", self.admin(self.reload)),
             web.get("/gaming-mode", self.gaming_mode),
             web.post("/gaming-mode", self.admin(self.set_gaming_mode)),
             web.get("/leases", self.list_leases),
@@ -298,6 +303,16 @@ class Api:
     async def unload_all(self, request: web.Request) -> web.Response:
         await self.driver.unload(None)
         return web.json_response({"unloaded": sorted(self.config.models)})
+
+    async def reload(self, request: web.Request) -> web.Response:
+        if self.reloader is None:
+            raise ApiError(409, "no_config_file", "this daemon was not started from a config file")
+        try:
+            summary = self.reloader()
+        except ConfigError as exc:
+            # The old config stays in force; say why the new one was refused, key by key.
+            return error_response(400, "invalid_config", str(exc), extra={"problems": exc.problems})
+        return web.json_response(summary)
 
     async def stop_all(self, request: web.Request) -> web.Response:
         await self.driver.stop_all("stop-all was requested by an administrator")

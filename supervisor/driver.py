@@ -22,7 +22,7 @@ import aiohttp
 import psutil
 import structlog
 
-from .config import Config
+from .config import Config, ConfigError, find_llama_server, load_config, preflight
 from .estimate import LearnedStore, estimate_model
 from .gaming import GamingDetector, GamingStore, running_process_names
 from .gpu import MemorySnapshot, Probe, ProbeError
@@ -31,6 +31,7 @@ from .process import LlamaServer, LoadError, LogRing, PortPool, prewarm
 from .scheduler import (
     RESIDENT,
     DropWaiters,
+    ConfigReloaded,
     Event,
     Fallback,
     GamingChanged,
@@ -293,11 +294,14 @@ class Driver:
 
     # ------------------------------------------------------------ memory
 
-    def _initial_needs(self) -> dict[str, int]:
+    def _initial_needs(self, config: Config | None = None, names: list[str] | None = None) -> dict[str, int]:
         """Each model's need: vram_mb from the config, else what was measured last time, else the GGUF estimate."""
+        config = config or self.config
         on_gpu = self.probe.name not in ("host",)
         needs: dict[str, int] = {}
-        for name, model in self.config.models.items():
+        for name, model in config.models.items():
+            if names is not None and name not in names:
+                continue
             if isinstance(model.vram_mb, int):
                 needs[name], self.need_source[name] = model.vram_mb, "config"
                 continue
@@ -312,6 +316,63 @@ class Driver:
                 log.warning("estimate_failed", model=name, error=str(exc))
                 needs[name], self.need_source[name] = 0, "unknown"
         return needs
+
+    # ------------------------------------------------------------ reload
+
+    def reload(self, path: str) -> dict[str, Any]:
+        """Re-read the config. Raises ConfigError (the old config stays) if the new one is invalid or cannot run.
+
+        Models whose file and args are unchanged keep running; changed ones restart once idle; removed ones go
+        once idle. Settings only a restart can change are listed under needs_restart and otherwise ignored.
+        """
+        new = load_config(path)
+        problems = preflight(new)
+        binary = find_llama_server(new) if not problems else self.binary
+        if problems:
+            raise ConfigError(problems, path)
+        old = self.config
+        restart_only = {
+            "daemon.listen": (old.daemon.listen, new.daemon.listen),
+            "daemon.state_dir": (old.daemon.state_dir, new.daemon.state_dir),
+            "daemon.port_range": (old.daemon.port_range, new.daemon.port_range),
+            "daemon.max_body_mb": (old.daemon.max_body_mb, new.daemon.max_body_mb),
+            "daemon.admin_token_env": (old.daemon.admin_token_env, new.daemon.admin_token_env),
+            "daemon.api_key_env": (old.daemon.api_key_env, new.daemon.api_key_env),
+            "gpu.backend": (old.gpu.backend, new.gpu.backend),
+            "gpu.device": (old.gpu.device, new.gpu.device),
+            "gaming.auto_detect": (old.gaming.auto_detect, new.gaming.auto_detect),
+        }
+        needs_restart = sorted(key for key, (before, after) in restart_only.items() if before != after)
+        # Keep what only a restart can change as it is, so the running daemon stays consistent with itself.
+        daemon = new.daemon.model_copy(update={k.split(".")[1]: getattr(old.daemon, k.split(".")[1])
+                                               for k in needs_restart if k.startswith("daemon.")})  # fmt: skip
+        new = new.model_copy(update={"daemon": daemon, "gpu": old.gpu if any(k.startswith("gpu.") for k in needs_restart)
+                                     else new.gpu, "gaming": old.gaming if "gaming.auto_detect" in needs_restart
+                                     else new.gaming})  # fmt: skip
+        summary = {"unchanged": [], "changed": [], "restarting": [], "added": [], "removed": [],
+                   "needs_restart": needs_restart}  # fmt: skip
+        process_changed = []
+        for name, model in new.models.items():
+            before = old.models.get(name)
+            if before is None:
+                summary["added"].append(name)
+            elif (before.model, before.args) != (model.model, model.args):
+                process_changed.append(name)
+                resident = self.core.models[name].phase in RESIDENT
+                summary["restarting" if resident else "changed"].append(name)
+            elif before != model:
+                summary["changed"].append(name)
+            else:
+                summary["unchanged"].append(name)
+        summary["removed"] = sorted(set(old.models) - set(new.models))
+        needs = self._initial_needs(new, [*summary["added"], *process_changed])
+        for name in summary["added"]:
+            self.logs[name] = LogRing(new.daemon.log_lines)
+        self.config, self.binary = new, binary
+        self.dispatch(ConfigReloaded(new, needs, self.now()))
+        log.info("config_reloaded", path=path, **{k: v for k, v in summary.items() if v})
+        self._notify("reloaded", summary)
+        return summary
 
     def measure(self, pids: list[int] | None = None) -> MemorySnapshot | None:
         """Read the probe and tell the core. A probe error is logged and the last reading stays."""

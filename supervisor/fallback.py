@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -30,11 +31,15 @@ RETRY_ON = (aiohttp.ClientConnectionError, TimeoutError)
 
 
 class CloudClient:
-    def __init__(self, config: Config, http: aiohttp.ClientSession):
-        self.config = config
+    def __init__(self, config: Callable[[], Config], http: aiohttp.ClientSession):
+        self._config = config  # a reload replaces the config: always read the live one
         self.http = http
         self._last_notified: dict[str, float] = {}
         self._sending: set[asyncio.Task[None]] = set()
+
+    @property
+    def config(self) -> Config:
+        return self._config()
 
     def target(self, name: str) -> CloudConfig | None:
         return self.config.cloud.get(name)

@@ -48,11 +48,14 @@ def unknown_model_error(config: Config, name: str) -> ApiError:
 
 class Proxy:
     def __init__(self, config: Config, driver: Driver, http: aiohttp.ClientSession, cloud: CloudClient):
-        self.config = config
         self.driver = driver
         self.http = http
         self.cloud = cloud
         self.observers: list[RequestObserver] = []  # told about every request that named a model
+
+    @property
+    def config(self) -> Config:
+        return self.driver.config  # the live config: a reload replaces it
 
     async def openai(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""

@@ -49,7 +49,7 @@ RESIDENT = (Phase.LOADING, Phase.READY, Phase.UNLOADING)
 ORPHANED = -1  # the instance of a request whose child crashed under it
 
 # Why a model was stopped; used in logs and (later) metrics.
-StopCause = Literal["swap", "ttl", "admin", "shutdown", "crash", "memory", "lease", "gaming"]
+StopCause = Literal["swap", "ttl", "admin", "shutdown", "crash", "memory", "lease", "gaming", "reload"]
 Route = Literal["local", "queued", "cloud", "rejected"]
 WaiterKind = Literal["request", "load", "lease"]
 
@@ -190,6 +190,15 @@ class GamingChanged:
 
 
 @dataclass(frozen=True)
+class ConfigReloaded:
+    """A new, valid config. needs_mb: the memory need of models that are new or whose file or args changed."""
+
+    config: Config
+    needs_mb: dict[str, int]
+    now: float
+
+
+@dataclass(frozen=True)
 class Tick:
     now: float
 
@@ -210,6 +219,7 @@ Event = (
     | MemoryMeasured
     | NeedLearned
     | GamingChanged
+    | ConfigReloaded
     | Tick
 )
 
@@ -305,6 +315,8 @@ class ModelState:
     failures: int = 0
     retry_at: float = 0.0
     unload_requested: bool = False
+    unload_cause: StopCause = "admin"
+    retiring: bool = False  # removed from the config: goes once it drains
     displaced: tuple[str, ...] = ()
     swap_started: float | None = None
     need_mb: int = 0  # what it holds once loaded: config vram_mb, else estimate, else learned
@@ -399,6 +411,10 @@ class SchedulerCore:
     def handle(self, event: Event) -> list[Action]:
         actions: list[Action] = []
         match event:
+            case RequestArrived() if event.model not in self.models or self.models[event.model].retiring:
+                # Resolved just before a reload removed it.
+                actions.append(Reject(event.request_id, event.model, 503, "model_removed",
+                                      f"model {event.model!r} was removed from the config", 1))
             case RequestArrived():
                 state = self.models[event.model]
                 fallback_at = None
@@ -412,8 +428,8 @@ class SchedulerCore:
                 self.waiters.pop(event.request_id, None)
             case RequestFinished():
                 granted = self.granted.pop(event.request_id, None)
-                if granted is not None:
-                    state = self.models[granted[0]]
+                state = self.models.get(granted[0]) if granted is not None else None
+                if granted is not None and state is not None:
                     if granted[1] == state.instance:
                         state.in_flight -= 1  # (requests of a crashed instance were written off at the crash)
                     state.last_used = event.now
@@ -437,6 +453,8 @@ class SchedulerCore:
                     state.port = state.pid = None
                     state.unload_requested = False
                     self._write_off_requests(state)  # only a forced stop leaves any
+                    if state.retiring:
+                        del self.models[state.name]
             case UnloadRequested():
                 actions += self._unload(event)
             case DropWaiters():
@@ -454,10 +472,12 @@ class SchedulerCore:
                     del self.waiters[event.lease_id]
             case MemoryMeasured():
                 self.budget = self._measure(event)
-            case NeedLearned():
+            case NeedLearned() if event.model in self.models:
                 self.models[event.model].need_mb = event.mb
             case GamingChanged():
                 self.gaming = event.enabled
+            case ConfigReloaded():
+                actions += self._reload(event)
             case Tick():
                 pass
         actions += self._schedule(event.now)
@@ -747,7 +767,7 @@ class SchedulerCore:
                 continue
             forced = any(w.model == state.name and w.force and not w.detached for w in self.waiters.values())
             if state.unload_requested:
-                actions.append(self._stop(state, "admin"))
+                actions.append(self._stop(state, state.unload_cause))
             elif self._kept_out_by_gaming(state, force=forced):
                 actions.append(self._stop(state, "gaming"))
             elif state.name not in wanted and now >= (self._ttl_expiry(state) or float("inf")):
@@ -755,6 +775,8 @@ class SchedulerCore:
         return actions
 
     def _unload(self, event: UnloadRequested) -> list[Action]:
+        if event.model is not None and event.model not in self.models:
+            return []
         targets = list(self.models.values()) if event.model is None else [self.models[event.model]]
         actions: list[Action] = []
         for state in targets:
@@ -763,7 +785,50 @@ class SchedulerCore:
             elif state.phase is Phase.LOADING or (state.phase is Phase.READY and (event.force or not state.in_flight)):
                 actions.append(self._stop(state, event.cause))
             elif state.phase is Phase.READY:
-                state.unload_requested = True  # stopped by _expire_idle once it drains
+                state.unload_requested, state.unload_cause = True, event.cause  # stopped once it drains
+        return actions
+
+    def _reload(self, event: ConfigReloaded) -> list[Action]:
+        """Apply a new config. Settings that do not change the process (aliases, TTL, priority, groups, fallback)
+        apply at once; a model whose file or args changed is restarted once idle; removed models go once idle."""
+        config, now = event.config, event.now
+        self.queue_timeout_s = config.daemon.queue_timeout_s
+        self.reserve_mb = config.gpu.reserve_mb
+        self.batching = config.scheduler.batching
+        self.max_batch_wait_s = config.scheduler.max_batch_wait_s
+        self.min_residency_s = config.scheduler.min_residency_s
+        actions: list[Action] = []
+        for name, state in list(self.models.items()):
+            new = config.models.get(name)
+            if new is None:
+                state.retiring = True
+                for waiter in [w for w in self.waiters.values() if w.model == name]:
+                    if waiter.detached:  # already answered from the cloud
+                        del self.waiters[waiter.request_id]
+                    else:
+                        message = f"model {name!r} was removed from the config"
+                        actions.append(self._reject(waiter, 503, "model_removed", message, retry_after_s=1))
+                if state.phase in (Phase.UNLOADED, Phase.FAILED):
+                    del self.models[name]
+                else:
+                    actions += self._unload(UnloadRequested(name, now, cause="reload"))
+                continue
+            process_changed = (new.model, new.args) != (state.config.model, state.config.args)
+            state.config, state.group = new, config.group_of(name)
+            state.retiring = False  # back in the config after an earlier reload removed it
+            if isinstance(new.vram_mb, int):
+                state.need_mb = new.vram_mb
+            elif name in event.needs_mb:
+                state.need_mb = event.needs_mb[name]
+            if process_changed:
+                if state.phase is Phase.FAILED:
+                    state.phase, state.failures, state.retry_at, state.last_error = Phase.UNLOADED, 0, 0.0, None
+                elif state.phase in RESIDENT:
+                    actions += self._unload(UnloadRequested(name, now, cause="reload"))
+        for name, new in config.models.items():
+            if name not in self.models:
+                need = new.vram_mb if isinstance(new.vram_mb, int) else event.needs_mb.get(name, 0)
+                self.models[name] = ModelState(name=name, config=new, group=config.group_of(name), need_mb=need)
         return actions
 
     def _fail(self, state: ModelState, error: str, now: float, during_load: bool) -> list[Action]:

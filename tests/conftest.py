@@ -30,7 +30,7 @@ from typing import Any  # noqa: E402
 import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 
-from supervisor.config import Config, parse_config  # noqa: E402
+from supervisor.config import Config, load_config, parse_config  # noqa: E402
 from supervisor.daemon import Daemon  # noqa: E402
 from supervisor.testmodels import write_test_model  # noqa: E402
 
@@ -121,10 +121,13 @@ async def start_daemon(llama_server_bin, tmp_path) -> AsyncIterator[Callable[...
 
     async def start(models: dict[str, dict], groups: dict | None = None, probe=None, gpu: dict | None = None,
                     cloud: dict | None = None, gaming: dict | None = None, binary: str | None = None,
-                    **daemon: Any) -> RunningDaemon:
+                    config_path: str | None = None, **daemon: Any) -> RunningDaemon:
         daemon.setdefault("state_dir", str(tmp_path / "state"))
-        config = make_config(models, groups, gpu, cloud, gaming, **daemon)
-        daemon_obj = Daemon(config, binary or llama_server_bin, port=0, probe=probe)
+        if config_path is not None:  # a real file, as `run --config` reads it (and SIGHUP re-reads it)
+            config = load_config(config_path)
+        else:
+            config = make_config(models, groups, gpu, cloud, gaming, **daemon)
+        daemon_obj = Daemon(config, binary or llama_server_bin, port=0, probe=probe, config_path=config_path)
         await daemon_obj.start()
         timeline = Timeline()
         daemon_obj.driver.observers.append(timeline)

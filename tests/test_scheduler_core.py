@@ -6,6 +6,7 @@ import pytest
 
 from supervisor.config import parse_config
 from supervisor.scheduler import (
+    ConfigReloaded,
     DropWaiters,
     Fallback,
     GamingChanged,
@@ -678,3 +679,55 @@ def test_the_next_model_is_read_ahead_once_while_the_one_in_its_way_drains():
     sim.stopped("a")
     sim.loaded("b")
     assert sim.prewarmed == ["b"]  # b did not have to wait again
+
+
+# ---------------------------------------------------------------- config reload
+
+def reloaded(sim: Sim, models: dict, groups: dict | None = None, needs: dict | None = None) -> list:
+    config = parse_config({"groups": groups or {},
+                           "models": {name: {"model": f"/m/{name}.gguf", **spec} for name, spec in models.items()}})
+    return sim.send(ConfigReloaded(config, needs or {}, sim.now))
+
+
+def test_reload_keeps_unchanged_models_and_applies_settings_in_place():
+    sim = Sim({"a": {"ttl_s": 100}, "b": {}}, {})
+    sim.serve("a")
+    pid = sim.core.models["a"].pid
+    assert reloaded(sim, {"a": {"ttl_s": 5, "aliases": ["fast"]}, "b": {}}) == []
+    assert sim.phase("a") is Phase.READY and sim.core.models["a"].pid == pid
+    assert kinds(sim.advance(5)) == [("stop", "a", "ttl")]  # the new TTL counts
+
+
+def test_reload_restarts_a_model_whose_args_changed_once_it_is_idle():
+    sim = Sim({"a": {"args": ["-c", "512"]}}, {})
+    busy, _ = sim.request("a")
+    sim.loaded("a")
+    assert reloaded(sim, {"a": {"args": ["-c", "1024"]}}) == []  # busy: drains first
+    assert kinds(sim.finish(busy)) == [("stop", "a", "reload")]
+    r, actions = sim.request("a")
+    sim.stopped("a")
+    assert sim.core.models["a"].config.args == ["-c", "1024"]
+    assert kinds(sim.log[-1:]) == [("start", "a")]
+
+
+def test_reload_removes_models_and_answers_their_waiters():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP)
+    ra, _ = sim.request("a")
+    sim.loaded("a")
+    rb, _ = sim.request("b")
+    actions = reloaded(sim, {"b": {"group": "main"}}, MAIN_SWAP)
+    assert actions == []  # a is busy: it goes once done; b still waits for it
+    actions = reloaded(sim, {"a": {"group": "main"}}, MAIN_SWAP)
+    assert kinds(actions) == [("reject", rb, "model_removed")]
+    assert "b" not in sim.core.models
+    sim.finish(ra)
+    sim.stopped("a")
+    assert "a" in sim.core.models  # restored by the second reload: not dropped when it stops
+
+
+def test_reload_adds_models():
+    sim = Sim({"a": {}}, {})
+    reloaded(sim, {"a": {}, "n": {"vram_mb": 10}})
+    r, actions = sim.request("n")
+    assert kinds(actions) == [("start", "n")]
+    assert sim.core.models["n"].need_mb == 10

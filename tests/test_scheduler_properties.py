@@ -10,6 +10,7 @@ from supervisor.config import parse_config
 from supervisor.scheduler import (
     RESIDENT,
     Fallback,
+    ConfigReloaded,
     GamingChanged,
     Grant,
     GrantLease,
@@ -34,7 +35,7 @@ from supervisor.scheduler import (
 )
 
 MODELS = ["a", "b", "c", "e"]
-CONFIG = parse_config({
+RAW = {
     "daemon": {"queue_timeout_s": 5},
     "scheduler": {"max_batch_wait_s": 2, "min_residency_s": 0.5},
     "cloud": {"frontier": {"base_url": "http://127.0.0.1:9", "model": "big"}},
@@ -50,7 +51,14 @@ CONFIG = parse_config({
               "fallback_after_ms": 0},
         "e": {"model": "/e", "group": "keep"},
     },
-})  # fmt: skip
+}  # fmt: skip
+CONFIG = parse_config(RAW)
+# What a reload may bring: the same config, one without b, one where a's args changed.
+RELOADS = [
+    CONFIG,
+    parse_config({**RAW, "models": {k: v for k, v in RAW["models"].items() if k != "b"}}),
+    parse_config({**RAW, "models": {**RAW["models"], "a": {**RAW["models"]["a"], "args": ["-c", "99"]}}}),
+]
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -105,8 +113,14 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.starting.pop(action.model, None)
                     self.stopping[action.model] = action.instance
 
+    @rule(config=st.sampled_from(RELOADS))
+    def reload(self, config):
+        self.apply(ConfigReloaded(config, {}, self.now))
+
     @rule(model=st.sampled_from(MODELS), local_only=st.booleans(), force=st.booleans())
     def request(self, model, local_only, force):
+        if model not in self.core.models:
+            return  # the proxy answers 404 for a model the config no longer has
         self.ids += 1
         self.waiting.add(self.ids)
         self.apply(RequestArrived(self.ids, model, self.now, self.now + 5, local_only=local_only, force=force))
@@ -162,8 +176,8 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule(model=st.sampled_from(MODELS))
     def crash(self, model):
-        state = self.core.models[model]
-        if state.phase is Phase.READY and model not in self.stopping:
+        state = self.core.models.get(model)
+        if state is not None and state.phase is Phase.READY and model not in self.stopping:
             self.apply(ProcessExited(model, state.instance, "crash", self.now))
             # Its requests fail with it: they still finish (with an error) but no longer hold the model.
             self.orphaned |= {rid for rid, m in self.granted.items() if m == model}
@@ -179,7 +193,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def one_member_of_the_swap_group_at_a_time(self):
-        resident = [m for m in ("a", "b") if self.core.models[m].phase in RESIDENT]
+        resident = [m for m in ("a", "b") if m in self.core.models and self.core.models[m].phase in RESIDENT]
         assert len(resident) <= 1, resident
 
     @invariant()
