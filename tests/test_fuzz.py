@@ -211,4 +211,4 @@ def test_any_text_as_models_toml_is_refused_cleanly_or_parsed(text, tmp_path_fac
     except UnicodeEncodeError:
         pass  # not representable on disk: nothing an operator could write
     else:
-        tomllib.loads(text)  # it parsed because it is valid TOML
+        tomllib.loads(path.read_text(encoding="utf-8"))  # it parsed because the file is valid TOML
