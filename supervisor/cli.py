@@ -7,9 +7,11 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -80,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     lease.add_argument("--ttl-s", type=float, default=60.0, help="lease lifetime; renewed while the command runs")
     lease.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     lease.set_defaults(func=cmd_lease)
+
+    usage = client("usage", "requests, tokens, local share and money saved (from the daemon, else its ledger file)")
+    usage.add_argument("--days", type=float, default=7.0, help="today and the days before it (default 7)")
+    usage.add_argument("--json", action="store_true", help="print the /usage document")
+    usage.set_defaults(func=cmd_usage)
+
+    models = commands.add_parser("models", help="the configured model files")
+    models_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    stale = models_commands.add_parser("stale", help="model files unused for --days, and the disk they take "
+                                                     "(reports only; deletes nothing)")  # fmt: skip
+    stale.add_argument("--days", type=float, default=30.0, help="unused for at least this many days (default 30)")
+    stale.add_argument("--config", help=f"path to models.toml (default: ${CONFIG_ENV}, else ./models.toml)")
+    stale.add_argument("--json", action="store_true", help="print a JSON document")
+    stale.set_defaults(func=cmd_models_stale)
     return parser
 
 
@@ -101,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError(problems, str(config_path(args.config)))
     check_exposure(config)
-    return asyncio.run(serve(config, binary))
+    return asyncio.run(serve(config, binary, config_path=str(config_path(args.config))))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -330,6 +346,170 @@ def _release(args: argparse.Namespace, lease_id: int, stop_renewing: threading.E
         call(args, "DELETE", f"/leases/{lease_id}", timeout=10)
     except Unreachable as exc:  # it expires on its own, or goes when the daemon sees this process exit
         print(f"model-supervisor lease: release failed: {exc}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- usage ledger
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from . import ledger
+
+    if not 0 < args.days <= 3660:
+        print("model-supervisor usage: --days must be between 0 and 3660", file=sys.stderr)
+        return EXIT_CONFIG
+    path = config_path(args.config)
+    config = load_config(path) if path.is_file() else None
+    target = config.ledger.local_share_target if config else 0.7
+    try:
+        status, document = call(args, "GET", f"/usage?days={args.days:g}")
+        source = f"the daemon at {_client_settings(args)[0]}"
+        if status != 200:  # e.g. 503 ledger_unavailable: the file may still be there
+            print(f"model-supervisor usage: the daemon answered {status}: {_message(document)}", file=sys.stderr)
+            document = None
+    except Unreachable as exc:
+        print(f"model-supervisor usage: {exc}; reading the ledger file", file=sys.stderr)
+        document = None
+    if document is None:
+        if config is None:
+            print(f"model-supervisor usage: no config at {path} to find the ledger in (give --config)",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_FAIL
+        file = ledger.ledger_path(config)
+        try:
+            connection = ledger.open_readonly(file)
+        except FileNotFoundError:
+            print(f"no usage recorded yet (no ledger at {file})")
+            return EXIT_OK
+        except (sqlite3.Error, ledger.LedgerError) as exc:
+            print(f"model-supervisor usage: cannot read {file}: {exc}", file=sys.stderr)
+            return EXIT_FAIL
+        try:
+            document = ledger.usage_from(connection, args.days)
+        finally:
+            connection.close()
+        source = str(file)
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print(render_usage(document, target, source))
+    return EXIT_OK
+
+
+def render_usage(doc: dict[str, Any], target: float, source: str) -> str:
+    daily = doc.get("daily") or []
+    span = f" ({daily[0]['date']} to {daily[-1]['date']})" if daily else ""
+    share = doc.get("local_share")
+    if share is None:
+        share_text = f"-  (no local or cloud requests; target {target:.0%})"
+    else:
+        verdict = "met" if share >= target else "below"
+        share_text = f"{share:.0%}  (target {target:.0%}: {verdict})"
+    return "\n".join([
+        f"usage over the last {doc['days']:g} days{span}, from {source}",
+        f"requests     {doc['requests']:,}  (local {doc['local']:,}, cloud {doc['cloud']:,}, "
+        f"rejected {doc['rejected']:,})",
+        f"tokens       {doc['tokens_in']:,} in, {doc['tokens_out']:,} out",
+        f"local share  {share_text}",
+        f"cloud spend  {_usd(doc['cloud_cost_usd'])}",
+        f"saved        {_usd(doc['saved_usd'])}  (what the local requests would have cost in the cloud)",
+    ])  # fmt: skip
+
+
+def _usd(value: float) -> str:
+    return f"${value:,.2f}" if value >= 1 or value == 0 else f"${value:.4f}"
+
+
+def cmd_models_stale(args: argparse.Namespace) -> int:
+    from . import ledger
+
+    if args.days <= 0:
+        print("model-supervisor models stale: --days must be above 0", file=sys.stderr)
+        return EXIT_CONFIG
+    config = load_config(config_path(args.config))
+    file = ledger.ledger_path(config)
+    try:
+        connection = ledger.open_readonly(file)
+    except FileNotFoundError:
+        last_used, began, file_used = {}, None, None
+    except (sqlite3.Error, ledger.LedgerError) as exc:
+        print(f"model-supervisor models stale: cannot read {file} ({exc}); using access times", file=sys.stderr)
+        last_used, began, file_used = {}, None, None
+    else:
+        try:
+            last_used, began, file_used = ledger.last_used_from(connection), ledger.created_at_from(connection), file
+        finally:
+            connection.close()
+    report = stale_files(config, last_used, began, args.days, time.time())
+    report["ledger"] = None if file_used is None else str(file_used)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_stale(report))
+    return EXIT_OK
+
+
+def stale_files(config: Config, last_used: dict[str, float], ledger_began: float | None, days: float,
+                now: float) -> dict[str, Any]:
+    """The configured model files (every shard of a split GGUF) not used for `days`.
+
+    Last use: the ledger's last request for a model using the file; without one, the file's atime, but no later
+    than the ledger's start (the daemon reads GGUF headers at start, which refreshes atimes without any use).
+    Never earlier than the file's mtime: a file just downloaded or replaced is not stale."""
+    from .estimate import shard_paths
+
+    users: dict[Path, list[str]] = {}
+    for name, model in config.models.items():
+        for shard in shard_paths(model.model):
+            users.setdefault(shard, []).append(name)
+    cutoff = now - days * 86400
+    stale, missing = [], []
+    for shard, names in users.items():
+        try:
+            stat = shard.stat()
+        except OSError:
+            missing.append(str(shard))
+            continue
+        requested = [last_used[n] for n in names if n in last_used]
+        if requested:
+            used, source = max(requested), "ledger"
+        else:
+            used, source = stat.st_atime, "atime"
+            if ledger_began is not None and ledger_began < used:
+                used, source = ledger_began, "ledger_start"
+        if stat.st_mtime > used:
+            used, source = stat.st_mtime, "mtime"
+        if used < cutoff:
+            stale.append({"path": str(shard), "models": names, "bytes": stat.st_size, "last_used": used,
+                          "source": source, "age_days": round((now - used) / 86400, 1)})  # fmt: skip
+    stale.sort(key=lambda entry: entry["last_used"])
+    return {"days": days, "files": stale, "total_bytes": sum(e["bytes"] for e in stale), "missing": missing}
+
+
+def render_stale(report: dict[str, Any]) -> str:
+    lines = []
+    if report["files"]:
+        rows = [("MODEL", "LAST USED", "FROM", "SIZE", "FILE")]
+        for entry in report["files"]:
+            when = time.strftime("%Y-%m-%d", time.localtime(entry["last_used"]))
+            source = {"ledger_start": "no request since ledger began", "mtime": "modified"}
+            rows.append((",".join(entry["models"]), f"{when} ({entry['age_days']:g} days ago)",
+                         source.get(entry["source"], entry["source"]), _size(entry["bytes"]), entry["path"]))
+        lines += [table(rows), ""]
+    count = len(report["files"])
+    lines.append(f"{count} file{'s' if count != 1 else ''} unused for {report['days']:g} days or more; removing "
+                 f"{'them' if count != 1 else 'it'} would free {_size(report['total_bytes'])}. Nothing was deleted.")
+    if report["ledger"] is None:
+        lines.append("(no usage ledger found: last use is the files' access time)")
+    for path in report["missing"]:
+        lines.append(f"missing: {path}")
+    return "\n".join(lines)
+
+
+def _size(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
 
 
 def _message(body: Any) -> str:

@@ -17,6 +17,7 @@ from .estimate import LearnedStore
 from .fallback import CloudClient
 from .gaming import GamingStore
 from .gpu import Probe, open_probe
+from .ledger import Ledger
 from .metrics import Metrics
 from .proxy import Proxy
 from .systemd import Notifier, StatusReporter, describe
@@ -38,8 +39,10 @@ def check_exposure(config: Config) -> None:
 class Daemon:
     """One running model-supervisor: the HTTP server, the scheduler's owner and its children."""
 
-    def __init__(self, config: Config, binary: str, port: int | None = None, probe: Probe | None = None):
+    def __init__(self, config: Config, binary: str, port: int | None = None, probe: Probe | None = None,
+                 config_path: str | None = None):
         self.config = config
+        self.config_path = config_path  # what SIGHUP and POST /reload re-read
         self.binary = binary
         self.port = config.daemon.port if port is None else port
         self.probe = probe
@@ -68,13 +71,20 @@ class Daemon:
         gaming = GamingStore(self.config.daemon.state_dir) if state_dir_ok else None
         self.driver = Driver(self.config, self.binary, self._http, self.probe, learned, gaming)
         await self.driver.start()
-        cloud = CloudClient(self.config, self._http)
+        driver = self.driver
+        cloud = CloudClient(lambda: driver.config, self._http)
         self.proxy = Proxy(self.config, self.driver, self._http, cloud)
         self.metrics = Metrics(self.driver)
         self.driver.observers.append(self.metrics.on_event)
         self.proxy.observers.append(self.metrics.on_request)
-        api = Api(self.config, self.driver, self.proxy)
+        # Without a usable state_dir there is no ledger; requests are served all the same.
+        self.ledger = Ledger.open(self.config) if state_dir_ok else None
+        if self.ledger is not None:
+            self.proxy.observers.append(self.ledger.record)
+        api = Api(self.config, self.driver, self.proxy, self.ledger)
         api.metrics = self.metrics
+        if self.config_path is not None:
+            api.reloader = self.reload
         # handler_cancellation: a client that disconnects cancels its handler, which cancels the upstream call.
         self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
@@ -83,6 +93,15 @@ class Daemon:
         if self.port == 0:  # tests ask for any free port
             self.port = self._runner.addresses[0][1]
         log.info("daemon_started", url=self.url, models=sorted(self.config.models), llama_server=self.binary)
+
+    def reload(self) -> dict:
+        """Re-read the config file (SIGHUP, POST /reload). Raises ConfigError, keeping the old config."""
+        assert self.driver is not None and self.config_path is not None
+        try:
+            return self.driver.reload(self.config_path)
+        except ConfigError as exc:
+            log.error("config_reload_refused", path=self.config_path, problems=exc.problems)
+            raise
 
     def _state_dir_usable(self) -> bool:
         state_dir = self.config.daemon.state_dir
@@ -104,6 +123,10 @@ class Daemon:
             await self.driver.close(drain_s=self.config.daemon.drain_timeout_s)
         if self._runner is not None:
             await self._runner.cleanup()
+        ledger = getattr(self, "ledger", None)  # absent when start() failed before creating it
+        if ledger is not None:
+            # After the handlers are gone, so every request is in the queue; close() writes it all out.
+            await asyncio.to_thread(ledger.close)
         if self._http is not None:
             await self._http.close()
         if self.probe is not None:
@@ -117,14 +140,28 @@ START_EXTENSION_S = 60
 STOP_MARGIN_S = 15
 
 
-async def serve(config: Config, binary: str, notifier: Notifier | None = None) -> int:
-    """Run until SIGTERM or SIGINT; returns the exit code. Tells systemd (Type=notify) how it goes."""
+async def serve(config: Config, binary: str, notifier: Notifier | None = None, config_path: str | None = None) -> int:
+    """Run until SIGTERM or SIGINT; SIGHUP re-reads the config. Returns the exit code. Tells systemd
+    (Type=notify) how it goes."""
     notifier = notifier if notifier is not None else Notifier.from_environment()
-    daemon = Daemon(config, binary)
+    daemon = Daemon(config, binary, config_path=config_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+
+    def reload() -> None:
+        if daemon.driver is None or config_path is None:
+            return
+        notifier.reloading()
+        try:
+            daemon.reload()
+        except ConfigError:
+            pass  # logged by Daemon.reload, with the reasons; the old config stays in force
+        notifier.ready(status.current() if status is not None else "ready")
+
+    status: StatusReporter | None = None
+    loop.add_signal_handler(signal.SIGHUP, reload)
     notifier.extend_timeout(START_EXTENSION_S)
     notifier.status("starting")
     try:

@@ -65,6 +65,10 @@ class Notifier:
     def status(self, text: str) -> bool:
         return self.send(f"STATUS={text}")
 
+    def reloading(self) -> bool:
+        """Config reload begins (SIGHUP); READY=1 follows when it is done. systemd wants the monotonic time."""
+        return self.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+
     def stopping(self, status: str | None = None) -> bool:
         return self.send("STOPPING=1", *([f"STATUS={status}"] if status else []))
 

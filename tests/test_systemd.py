@@ -329,3 +329,49 @@ def test_install_refuses_to_run_without_root():
     if result.returncode == 126 or "Permission denied" in result.stderr:
         pytest.skip(f"the unprivileged user cannot read the script here: {result.stderr.strip()}")
     assert result.returncode == 1 and "must run as root" in result.stderr, result.stderr
+
+
+def test_sighup_reloads_the_config_and_says_so_to_systemd(tmp_path, tiny_models, llama_server_bin):
+    """SIGHUP: RELOADING=1, then READY=1; a new model is served; a broken config afterwards is refused."""
+    import json as _json
+    import urllib.request
+
+    from test_cli import free_port, wait_http, write_config
+
+    sock_path = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(sock_path)
+    listener.settimeout(30)
+    port = free_port()
+    config = write_config(tmp_path / "models.toml", {tiny_models[1]: "chat"}, port, llama_server_bin)
+    env = {**os.environ, "NOTIFY_SOCKET": sock_path}
+    daemon = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--config", str(config)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", daemon)
+        messages = []
+        while not any("READY=1" in m for m in messages):
+            messages.append(listener.recv(4096).decode())
+        write_config(tmp_path / "models.toml", {tiny_models[1]: "chat", tiny_models[2]: "chat"}, port, llama_server_bin)
+        daemon.send_signal(signal.SIGHUP)
+        seen = []
+        while not any("READY=1" in m for m in seen):
+            seen.append(listener.recv(4096).decode())
+        assert any("RELOADING=1" in m and "MONOTONIC_USEC=" in m for m in seen)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models") as response:
+            assert "m2" in {m["id"] for m in _json.load(response)["data"]}
+        (tmp_path / "models.toml").write_text("[daemon\n")
+        daemon.send_signal(signal.SIGHUP)
+        seen = []
+        while not any("READY=1" in m for m in seen):
+            seen.append(listener.recv(4096).decode())
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models") as response:
+            assert "m2" in {m["id"] for m in _json.load(response)["data"]}  # the old config stays
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        assert "config_reload_refused" in daemon.stderr.read()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        listener.close()
