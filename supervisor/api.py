@@ -19,7 +19,7 @@ from aiohttp import web
 from .config import Config, ConfigError
 from .driver import Driver, Rejected
 from .proxy import Proxy, rejection_response, unknown_model_error
-from .responses import ApiError, error_response
+from .responses import ApiError, error_response, read_body
 from .scheduler import ModelView
 
 log = structlog.get_logger("supervisor.api")
@@ -37,6 +37,7 @@ class Api:
         self.proxy = proxy
         self.ledger = ledger  # supervisor.ledger.Ledger, or None when state_dir is unusable
         self.metrics: Any = None  # supervisor.metrics.Metrics, set by the daemon
+        self.heads_received: set[int] = set()  # connections (by id) that sent a complete request head
         self.reloader: Callable[[], dict[str, Any]] | None = None  # re-reads the config file; set by the daemon
         self.started = int(time.time())
         self.admin_token = os.environ.get(config.daemon.admin_token_env, "") if config.daemon.admin_token_env else ""
@@ -83,6 +84,7 @@ class Api:
 
     @web.middleware
     async def errors_as_json(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.heads_received.add(id(request.protocol))  # the head is in: the slow-head deadline is off
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -98,7 +100,10 @@ class Api:
         except Rejected as rejected:
             return rejection_response(rejected)
         except ApiError as error:
-            return error_response(error.status, error.code, error.message)
+            response = error_response(error.status, error.code, error.message)
+            if error.status == 408:
+                response.force_close()  # the rest of a slow body is still coming: this connection is done
+            return response
         except Exception:
             # Nothing a client sends may take the daemon down; the traceback goes to the log, not the client.
             log.exception("handler_failed", path=request.path, method=request.method)
@@ -275,7 +280,7 @@ class Api:
 
     async def set_gaming_mode(self, request: web.Request) -> web.Response:
         try:
-            payload = json.loads(await request.read() or b"null")
+            payload = json.loads(await read_body(request, self.config.daemon.body_timeout_s) or b"null")
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
         if not isinstance(payload, dict) or not isinstance(payload.get("enabled"), bool):
@@ -324,7 +329,7 @@ class Api:
         return web.json_response({"leases": self._lease_documents()})
 
     async def create_lease(self, request: web.Request) -> web.Response:
-        fields = lease_fields(await request.read())
+        fields = lease_fields(await read_body(request, self.config.daemon.body_timeout_s))
         grant = await self.driver.request_lease(**fields)
         return web.json_response({"id": grant.lease_id, "vram_mb": grant.mb, "expires_at": grant.expires_at},
                                  status=201)

@@ -58,6 +58,11 @@ class DaemonConfig(Section):
     admin_token_env: str = "MODEL_SUPERVISOR_ADMIN_TOKEN"
     api_key_env: str = ""
     max_body_mb: Annotated[float, Field(gt=0)] = 32
+    # Slow clients: a request head must arrive within header_timeout_s of connecting, a body within body_timeout_s;
+    # an idle keep-alive connection is closed after keepalive_timeout_s.
+    header_timeout_s: PositiveSeconds = 10
+    body_timeout_s: PositiveSeconds = 60
+    keepalive_timeout_s: PositiveSeconds = 75
     notify_url: str = ""
     log_lines: Annotated[int, Field(ge=10, le=100_000)] = 1000
 
@@ -162,6 +167,12 @@ class GamingConfig(Section):
     off_delay_s: Annotated[float, Field(ge=0)] = 10.0
 
 
+class LedgerConfig(Section):
+    # The [cloud.*] target whose prices value local requests; "" = the model's fallback, else the first target.
+    reference_target: str = ""
+    local_share_target: Annotated[float, Field(ge=0, le=1)] = 0.7
+
+
 class Config(BaseSettings):
     """The whole models.toml. Built with :func:`load_config`, which also applies env overrides."""
 
@@ -180,6 +191,7 @@ class Config(BaseSettings):
     models: dict[str, ModelConfig] = {}
     cloud: dict[str, CloudConfig] = {}
     gaming: GamingConfig = GamingConfig()
+    ledger: LedgerConfig = LedgerConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -218,6 +230,9 @@ class Config(BaseSettings):
                 if alias in seen:
                     problems.append(f"models.{name}.aliases: {alias!r} is already used by {seen[alias]}")
                 seen[alias] = f"models.{name}.aliases"
+        reference = self.ledger.reference_target
+        if reference and reference not in self.cloud:
+            problems.append(f"ledger.reference_target: no [cloud.{reference}] section")
         if problems:
             # Raised as ValueError so pydantic reports it with the others; the key is inside the message.
             raise ValueError("; ".join(problems))

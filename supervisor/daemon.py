@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+from typing import Any
 
 import aiohttp
 import structlog
@@ -78,7 +80,8 @@ class Daemon:
         self.driver.observers.append(self.metrics.on_event)
         self.proxy.observers.append(self.metrics.on_request)
         # Without a usable state_dir there is no ledger; requests are served all the same.
-        self.ledger = Ledger.open(self.config) if state_dir_ok else None
+        # The live config, as the proxy sees it: a reload may change prices.
+        self.ledger = Ledger.open(lambda: self.driver.config) if state_dir_ok else None
         if self.ledger is not None:
             self.proxy.observers.append(self.ledger.record)
         api = Api(self.config, self.driver, self.proxy, self.ledger)
@@ -86,9 +89,12 @@ class Daemon:
         if self.config_path is not None:
             api.reloader = self.reload
         # handler_cancellation: a client that disconnects cancels its handler, which cancels the upstream call.
-        self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
+        # lingering_time: after an early answer (413, 408) the rest of a body is read and dropped this long at most.
+        self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None,
+                                     keepalive_timeout=self.config.daemon.keepalive_timeout_s, lingering_time=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.daemon.host, self.port, reuse_address=True)
+        site = HeadDeadlineSite(self._runner, self.config.daemon.host, self.port,
+                                self.config.daemon.header_timeout_s, api.heads_received)
         await site.start()
         if self.port == 0:  # tests ask for any free port
             self.port = self._runner.addresses[0][1]
@@ -132,6 +138,52 @@ class Daemon:
         if self.probe is not None:
             self.probe.close()
         log.info("daemon_stopped")
+
+
+_HEAD_TIMEOUT_BODY = json.dumps({"error": {"message": "the request head did not arrive in time",
+                                           "type": "invalid_request_error", "code": "header_timeout"}}).encode()
+REQUEST_TIMEOUT_408 = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_HEAD_TIMEOUT_BODY), _HEAD_TIMEOUT_BODY)
+)
+
+
+class HeadDeadlineSite(web.BaseSite):
+    """A TCP site whose connections must send a complete request head within timeout_s of connecting.
+
+    aiohttp has no such timeout: a client trickling header bytes (slowloris) would hold a connection forever.
+    The API's middleware records each connection that got a head in; the rest get a 408 and are closed. (A slow
+    head on a later keep-alive request is bounded by keepalive_timeout_s instead.)"""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, timeout_s: float, heads: set[int]):
+        super().__init__(runner)
+        self._host, self._port, self._timeout_s, self._heads = host, port, timeout_s, heads
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        factory = self._runner.server
+        assert factory is not None
+
+        def connection() -> asyncio.Protocol:
+            handler = factory()
+            loop.call_later(self._timeout_s, self._deadline, handler)
+            return handler
+
+        self._server = await loop.create_server(connection, self._host, self._port, reuse_address=True)
+
+    def _deadline(self, handler: Any) -> None:
+        if id(handler) in self._heads:
+            self._heads.discard(id(handler))
+            return
+        transport = handler.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(REQUEST_TIMEOUT_408)
+            transport.close()
 
 
 # Startup work before READY=1 (memory probe, restoring gaming mode) gets this much on top of TimeoutStartSec.

@@ -20,7 +20,7 @@ from .driver import Driver, Rejected, Ticket
 from .fallback import CloudClient
 from .process import HOST
 from .records import RequestObserver, RequestRecord, ResponseTail
-from .responses import NOT_FORWARDED_UP, ApiError, error_response, stream_through
+from .responses import NOT_FORWARDED_UP, ApiError, error_response, read_body, stream_through
 
 log = structlog.get_logger("supervisor.proxy")
 
@@ -59,7 +59,7 @@ class Proxy:
 
     async def openai(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
-        body = await request.read()
+        body = await read_body(request, self.config.daemon.body_timeout_s)
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -85,7 +85,7 @@ class Proxy:
         model = self.config.resolve(name)
         if model is None:
             return self.unknown_model(name)
-        body = await request.read()
+        body = await read_body(request, self.config.daemon.body_timeout_s)
         # Raw paths mean nothing to a cloud target: this route is local only.
         force = flag_header(request, "X-Force-Big")
         return await self._serve(request, name, model, "/" + request.match_info["path"], body, True, force)

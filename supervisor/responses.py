@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -31,6 +32,14 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, retry_after_s: int | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.retry_after_s = status, code, message, retry_after_s
+
+
+async def read_body(request: web.Request, timeout_s: float) -> bytes:
+    """The whole request body, or a 408 for a client too slow to send it (it holds a connection meanwhile)."""
+    try:
+        return await asyncio.wait_for(request.read(), timeout_s)
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s") from None
 
 
 def error_response(status: int, code: str, message: str, retry_after_s: int | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import aiohttp
@@ -313,3 +314,31 @@ async def test_events_stream_the_status_document_as_it_changes(start_daemon, tin
         while "ready" not in states:
             states.add((await next_status())["models"]["a"]["state"])
         assert (await chat)[0] == 200
+
+
+async def test_slow_clients_get_408_and_the_daemon_goes_on(start_daemon, tiny_models):
+    d = await start_daemon(swap_pair(tiny_models), SWAP_GROUP, header_timeout_s=0.3, body_timeout_s=0.3)
+    port = int(d.url.rsplit(":", 1)[1])
+    # A head that never completes (slowloris): answered 408 and closed.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    assert answer.startswith(b"HTTP/1.1 408") and b"header_timeout" in answer
+    writer.close()
+    # A body that never completes: a JSON 408 as well.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"model\"")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+    body = await asyncio.wait_for(reader.readexactly(length), 10)
+    assert head.startswith(b"HTTP/1.1 408") and b"Connection: close" in head
+    assert json.loads(body)["error"]["code"] == "body_timeout"
+    writer.close()
+    # A prompt client on a connection kept alive across requests is not cut off by the head deadline.
+    async with aiohttp.ClientSession() as own:
+        for _ in range(3):
+            async with own.get(f"{d.url}/health") as response:
+                assert response.status == 200
+            await asyncio.sleep(0.2)  # spans the 0.3 s head deadline on the same connection
+    assert (await d.chat("a"))[0] == 200
