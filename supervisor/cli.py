@@ -405,7 +405,7 @@ def render_usage(doc: dict[str, Any], target: float, source: str) -> str:
         verdict = "met" if share >= target else "below"
         share_text = f"{share:.0%}  (target {target:.0%}: {verdict})"
     return "\n".join([
-        f"usage over the last {doc['days']:g} days{span}, from {source}",
+        f"usage over {_days(doc['days'])}{span}, from {source}",
         f"requests     {doc['requests']:,}  (local {doc['local']:,}, cloud {doc['cloud']:,}, "
         f"rejected {doc['rejected']:,})",
         f"tokens       {doc['tokens_in']:,} in, {doc['tokens_out']:,} out",
@@ -413,6 +413,10 @@ def render_usage(doc: dict[str, Any], target: float, source: str) -> str:
         f"cloud spend  {_usd(doc['cloud_cost_usd'])}",
         f"saved        {_usd(doc['saved_usd'])}  (what the local requests would have cost in the cloud)",
     ])  # fmt: skip
+
+
+def _days(days: float) -> str:
+    return f"{days:g} day{'' if days == 1 else 's'}"
 
 
 def _usd(value: float) -> str:
@@ -496,7 +500,7 @@ def render_stale(report: dict[str, Any]) -> str:
                          source.get(entry["source"], entry["source"]), _size(entry["bytes"]), entry["path"]))
         lines += [table(rows), ""]
     count = len(report["files"])
-    lines.append(f"{count} file{'s' if count != 1 else ''} unused for {report['days']:g} days or more; removing "
+    lines.append(f"{count} file{'s' if count != 1 else ''} unused for {_days(report['days'])} or more; removing "
                  f"{'them' if count != 1 else 'it'} would free {_size(report['total_bytes'])}. Nothing was deleted.")
     if report["ledger"] is None:
         lines.append("(no usage ledger found: last use is the files' access time)")
