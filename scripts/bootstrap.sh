@@ -2,7 +2,9 @@
 # Sets up this checkout on a fresh machine, idempotently, and finds llama-server:
 #   1. creates .venv in the repo root if it is missing (Python >= 3.11; env PYTHON picks the interpreter),
 #   2. pip install -e '.[test]' into it, skipped while pyproject.toml is unchanged since the last install,
-#   3. builds llama-server with scripts/build-llama-server.sh (~6 min on 2 cores the first time, cached after).
+#   3. builds llama-server with scripts/build-llama-server.sh (~6 min on 2 cores the first time, cached after),
+#   4. installs Debian's chromium for the dashboard test when /usr/bin/chromium is missing and we are root with
+#      apt-get (~15 s, ~410 MB; MODEL_SUPERVISOR_NO_CHROMIUM=1 skips it; without it that test is skipped).
 #
 #   scripts/bootstrap.sh             # prints the llama-server path on stdout; progress goes to stderr
 #   source scripts/bootstrap.sh      # the same, and exports LLAMA_SERVER, MODEL_SUPERVISOR_REPO, MODEL_SUPERVISOR_VENV
@@ -104,6 +106,22 @@ EOF
         log "scripts/build-llama-server.sh printed no usable binary path (got '$binary')"
         exit 1
     fi
+
+    # ---- 4. Chromium, for tests/test_dashboard.py (headless; the test skips, saying why, when there is none)
+    if [ ! -x /usr/bin/chromium ] && [ -z "${CHROMIUM:-}" ] && [ "${MODEL_SUPERVISOR_NO_CHROMIUM:-}" != 1 ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            log "installing Debian's chromium for the dashboard test (apt-get, quiet; about 15 s and 410 MB)"
+            if ! output="$({ apt-get update -qq &&
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } 2>&1)"; then
+                printf '%s\n' "$output" | tail -n 20 >&2
+                log "could not install chromium: the dashboard test will be skipped"
+            fi
+        else
+            log "no /usr/bin/chromium (and not root with apt-get): the dashboard test will be skipped;" \
+                "install Debian's chromium or set CHROMIUM=/path/to/chromium to run it"
+        fi
+    fi
+
     echo "$binary"
 }
 

@@ -218,12 +218,13 @@ class Api:
         """Server-sent events: the /status document now and after every change (bursts coalesced)."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        while True:
+        while not self.driver.closing:  # a shutdown ends the stream (else the server would wait on it)
             document = json.dumps(self.status_document())
             await response.write(f"event: status\ndata: {document}\n\n".encode())
             with contextlib.suppress(TimeoutError):  # nothing changed for a while: send it again as a keep-alive
                 await asyncio.wait_for(self.driver.next_change(), EVENTS_KEEPALIVE_S)
             await asyncio.sleep(EVENTS_COALESCE_S)
+        return response
 
     def _memory_document(self) -> list[dict[str, Any]]:
         """Per device (one today: [gpu] device): what the probe reads and how the daemon divides it."""

@@ -91,7 +91,8 @@ class Daemon:
         # handler_cancellation: a client that disconnects cancels its handler, which cancels the upstream call.
         # lingering_time: after an early answer (413, 408) the rest of a body is read and dropped this long at most.
         self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None,
-                                     keepalive_timeout=self.config.daemon.keepalive_timeout_s, lingering_time=2.0)
+                                     keepalive_timeout=self.config.daemon.keepalive_timeout_s, lingering_time=2.0,
+                                     shutdown_timeout=5.0)  # in-flight requests were drained before cleanup
         await self._runner.setup()
         site = HeadDeadlineSite(self._runner, self.config.daemon.host, self.port,
                                 self.config.daemon.header_timeout_s, api.heads_received)

@@ -342,3 +342,14 @@ async def test_slow_clients_get_408_and_the_daemon_goes_on(start_daemon, tiny_mo
                 assert response.status == 200
             await asyncio.sleep(0.2)  # spans the 0.3 s head deadline on the same connection
     assert (await d.chat("a"))[0] == 200
+
+
+async def test_stopping_does_not_wait_on_an_open_event_stream(start_daemon, tiny_models):
+    d = await start_daemon(swap_pair(tiny_models), SWAP_GROUP)
+    async with aiohttp.ClientSession() as own:
+        events = await own.get(f"{d.url}/events")
+        await events.content.readline()  # a dashboard is watching
+        started = time.monotonic()
+        await d.daemon.stop()
+        assert time.monotonic() - started < 3
+        events.close()
