@@ -32,7 +32,7 @@ EVENTS_COALESCE_S = 0.1  # a swap is several state changes in a few ms: one even
 
 
 class Api:
-    def __init__(self, config: Config, driver: Driver, proxy: Proxy, ledger: Any = None):
+    def __init__(self, driver: Driver, proxy: Proxy, ledger: Any = None):
         self.driver = driver
         self.proxy = proxy
         self.ledger = ledger  # supervisor.ledger.Ledger, or None when state_dir is unusable
@@ -40,8 +40,9 @@ class Api:
         self.heads_received: set[int] = set()  # connections (by id) that sent a complete request head
         self.reloader: Callable[[], dict[str, Any]] | None = None  # re-reads the config file; set by the daemon
         self.started = int(time.time())
-        self.admin_token = os.environ.get(config.daemon.admin_token_env, "") if config.daemon.admin_token_env else ""
-        self.api_key = os.environ.get(config.daemon.api_key_env, "") if config.daemon.api_key_env else ""
+        daemon = driver.config.daemon  # the token variables need a restart to change (see reload)
+        self.admin_token = os.environ.get(daemon.admin_token_env, "") if daemon.admin_token_env else ""
+        self.api_key = os.environ.get(daemon.api_key_env, "") if daemon.api_key_env else ""
 
     @property
     def config(self) -> Config:
@@ -188,7 +189,9 @@ class Api:
             raise ApiError(400, "invalid_request", "'days' must be between 0 and 3660")
         if self.ledger is None:
             raise ApiError(503, "ledger_unavailable", "the usage ledger is not available (state_dir not writable)")
-        return web.json_response(await asyncio.to_thread(self.ledger.usage, days))
+        document = await asyncio.to_thread(self.ledger.usage, days)
+        document["local_share_target"] = self.config.ledger.local_share_target
+        return web.json_response(document)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

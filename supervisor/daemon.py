@@ -75,7 +75,7 @@ class Daemon:
         await self.driver.start()
         driver = self.driver
         cloud = CloudClient(lambda: driver.config, self._http)
-        self.proxy = Proxy(self.config, self.driver, self._http, cloud)
+        self.proxy = Proxy(self.driver, self._http, cloud)
         self.metrics = Metrics(self.driver)
         self.driver.observers.append(self.metrics.on_event)
         self.proxy.observers.append(self.metrics.on_request)
@@ -84,7 +84,7 @@ class Daemon:
         self.ledger = Ledger.open(lambda: self.driver.config) if state_dir_ok else None
         if self.ledger is not None:
             self.proxy.observers.append(self.ledger.record)
-        api = Api(self.config, self.driver, self.proxy, self.ledger)
+        api = Api(self.driver, self.proxy, self.ledger)
         api.metrics = self.metrics
         if self.config_path is not None:
             api.reloader = self.reload

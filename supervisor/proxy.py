@@ -47,7 +47,7 @@ def unknown_model_error(config: Config, name: str) -> ApiError:
 
 
 class Proxy:
-    def __init__(self, config: Config, driver: Driver, http: aiohttp.ClientSession, cloud: CloudClient):
+    def __init__(self, driver: Driver, http: aiohttp.ClientSession, cloud: CloudClient):
         self.driver = driver
         self.http = http
         self.cloud = cloud
