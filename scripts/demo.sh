@@ -64,6 +64,7 @@ Try, from another terminal:
 
   curl -s $url/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "demo-a", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}'
   curl -s $url/status
+  open $url/ in a browser for the dashboard
 
   $repo/.venv/bin/model-supervisor status --url $url
   (model "demo-b" swaps demo-a out; "fast" is demo-a's alias)
