@@ -74,30 +74,33 @@ async def test_port_taken_by_another_program_between_check_and_bind_moves_to_ano
     llama_server_bin, tiny_models, http, monkeypatch
 ):
     squatter = socket.socket()
-    squatter.bind(("127.0.0.1", 19600))
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT from an earlier test is no matter
+    squatter.bind(("127.0.0.1", 18900))
     squatter.listen()
     # The check passes (as it would if the other program bound the port a moment later)...
     monkeypatch.setattr(process, "_bindable", lambda port: True)
     child = server(llama_server_bin, tiny_models[1], http)
     try:
-        await child.start(PortPool(19600, 19610), timeout_s=30)
-        assert child.port != 19600
-        assert "port 19600 was taken by another program" in "\n".join(child.log.lines())
+        await child.start(PortPool(18900, 18910), timeout_s=30)
+        assert child.port != 18900
+        assert "port 18900 was taken by another program" in "\n".join(child.log.lines())
     finally:
         await child.stop(grace_s=5)
         squatter.close()
 
 
 def test_port_pool_skips_ports_in_use_and_ports_it_handed_out():
+    # Ports no daemon of the suite uses (their children may leave TIME_WAITs on theirs).
     squatter = socket.socket()
-    squatter.bind(("127.0.0.1", 19700))
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", 18950))
     squatter.listen()
     try:
-        pool = PortPool(19700, 19702)
+        pool = PortPool(18950, 18952)
         first = pool.acquire()
         second = pool.acquire()
-        assert {first, second} == {19701, 19702}
-        with pytest.raises(LoadError, match="no free port in port_range 19700-19702"):
+        assert {first, second} == {18951, 18952}
+        with pytest.raises(LoadError, match="no free port in port_range 18950-18952"):
             pool.acquire()
         pool.release(first)
         assert pool.acquire() == first
@@ -128,7 +131,7 @@ async def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path, http)
     stubborn.write_text("#!/bin/sh\ntrap '' TERM\necho armed\nwhile :; do sleep 1; done\n")
     stubborn.chmod(0o755)
     child = LlamaServer("m", str(stubborn), tmp_path / "x.gguf", [], LogRing(50), http)
-    await child.spawn(19650)
+    await child.spawn(18960)
     while "armed" not in child.log.lines():  # its trap is set before it says so
         child.log.changed.clear()
         await asyncio.wait_for(child.log.changed.wait(), 10)
