@@ -14,6 +14,7 @@ import time
 import aiohttp
 import structlog
 from aiohttp import web
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from .config import Config
 from .driver import Driver, Rejected, Ticket
@@ -23,6 +24,9 @@ from .records import RequestObserver, RequestRecord, ResponseTail
 from .responses import NOT_FORWARDED_UP, ApiError, error_response, read_body, stream_through
 
 log = structlog.get_logger("supervisor.proxy")
+
+# Failures that mean "the pooled connection was already closed": nothing reached llama-server's handler.
+STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 TRUE_VALUES, FALSE_VALUES = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 
@@ -125,10 +129,15 @@ class Proxy:
         url = f"http://{HOST}:{ticket.port}{path}"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED_UP}
         try:
-            upstream = await self.http.request(
-                request.method, url, params=request.query, data=body or None, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            )
+            # llama-server may close a pooled keep-alive connection after a stream: a request that fails on such a
+            # connection before anything came back is sent again, once, on a fresh one.
+            async for attempt in AsyncRetrying(retry=retry_if_exception_type(STALE_CONNECTION),
+                                               stop=stop_after_attempt(2), reraise=True):
+                with attempt:
+                    upstream = await self.http.request(
+                        request.method, url, params=request.query, data=body or None, headers=headers,
+                        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                    )
         except (aiohttp.ClientError, OSError) as exc:
             return error_response(502, "upstream_unreachable", f"model {ticket.model!r} did not answer: {exc}")
         return await stream_through(request, upstream, {"X-Served-By": "local"}, label=f"model {ticket.model!r}",

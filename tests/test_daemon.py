@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -353,3 +354,45 @@ async def test_stopping_does_not_wait_on_an_open_event_stream(start_daemon, tiny
         await d.daemon.stop()
         assert time.monotonic() - started < 3
         events.close()
+
+
+async def test_a_pooled_connection_the_upstream_closed_is_retried_on_a_fresh_one():
+    """Named fake: an upstream that says keep-alive but closes after every answer (as llama-server does after a
+    stream). The proxy's second request lands on the dead pooled connection and must be sent again, not 502."""
+    from supervisor.driver import Ticket
+    from supervisor.proxy import Proxy
+    from supervisor.records import ResponseTail
+
+    async def answer_then_close(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok")
+        await writer.drain()
+        # The next request on this connection is read, then the connection closes without an answer: exactly
+        # what a client sees when the server's close crosses its reuse of the connection.
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    upstream = await asyncio.start_server(answer_then_close, "127.0.0.1", 0)
+    port = upstream.sockets[0].getsockname()[1]
+    async with aiohttp.ClientSession() as pool:
+        proxy = Proxy(driver=None, http=pool, cloud=None)
+
+        async def handler(request):
+            body = await request.read()
+            return await proxy._forward(request, Ticket(1, "m", port), "/x", body, ResponseTail())
+
+        app = aiohttp.web.Application()
+        app.router.add_post("/", handler)  # POST: aiohttp retries only idempotent methods by itself
+        runner = aiohttp.web.AppRunner(app)
+        await runner.setup()
+        await aiohttp.web.TCPSite(runner, "127.0.0.1", 0).start()
+        front = f"http://127.0.0.1:{runner.addresses[0][1]}/"
+        try:
+            async with aiohttp.ClientSession() as client:
+                for _ in range(5):
+                    async with client.post(front, json={"model": "m"}) as response:
+                        assert (response.status, await response.text()) == (200, "ok")
+        finally:
+            await runner.cleanup()
+            upstream.close()

