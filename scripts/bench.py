@@ -1149,13 +1149,13 @@ def markdown(r: dict[str, Any], whys: dict[str, str]) -> str:
         lines += [
             "", f"Prewarm: the loaded model is busy with a {sw['drain_tokens']}-token stream (about "
             f"{r['settings']['drain_s']:g} s) when the other "
-            "one is asked for, so the swap waits for it to drain. The daemon reads the next model's file ahead "
-            "meanwhile (`posix_fadvise(WILLNEED)`); the router does not. *After drain* is the time from the last "
-            "byte of the draining stream to the first token of the new model; *resident at drain end* is the share "
-            "of the new model's file in the page cache then (mincore). Linux reads at most the device's read-ahead "
-            f"window per `WILLNEED` call: `read_ahead_kb` = {fmt(pc.get('read_ahead_kb'), 'd')} for the models' disk "
-            f"here, {fmt(pc.get('read_ahead_kb') and 100 * pc['read_ahead_kb'] / 1024 / pc['file_mb'], '.1f', ' %')} "
-            "of one file.", "",
+            "one is asked for, so the swap waits for it to drain. The daemon reads the next model's file through the "
+            "page cache meanwhile (in a worker thread; a bare `posix_fadvise(WILLNEED)` would only start the "
+            f"device's read-ahead window, `read_ahead_kb` = {fmt(pc.get('read_ahead_kb'), 'd')} here, "
+            f"{fmt(pc.get('read_ahead_kb') and 100 * pc['read_ahead_kb'] / 1024 / pc['file_mb'], '.1f', ' %')} of "
+            "one file); the router does not. *After drain* is the time from the last byte of the draining stream to "
+            "the first token of the new model; *resident at drain end* is the share of the new model's file in the "
+            "page cache then (mincore).", "",
             "| behind a drain | after drain, warm ms | after drain, cold ms | cold − warm | resident at drain end (cold) "
             "| in-flight stream completed |", "|---|---|---|---|---|---|",
         ]  # fmt: skip
