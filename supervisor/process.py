@@ -108,6 +108,9 @@ class PortPool:
 
 def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As llama-server binds (SO_REUSEADDR): a port left in TIME_WAIT by a stopped child is free, only a live
+        # listener makes it taken. Without this, a busy swapping host runs out of ports within a minute.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((HOST, port))
         except OSError:

@@ -146,3 +146,17 @@ def test_prewarm_asks_for_every_file_and_skips_missing_ones(tmp_path):
     shard = tmp_path / "m-00001-of-00002.gguf"
     shard.write_bytes(b"x" * 4096)
     assert prewarm([shard, tmp_path / "absent.gguf"]) == 4096
+
+
+def test_a_port_left_in_time_wait_counts_as_free():
+    """A stopped child's port is in TIME_WAIT after its connections close; the pool must hand it out again."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 18970))
+    listener.listen()
+    client = socket.create_connection(("127.0.0.1", 18970))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server side closes first: its end goes to TIME_WAIT, as llama-server's does
+    client.close()
+    listener.close()
+    assert PortPool(18970, 18970).acquire() == 18970
