@@ -141,6 +141,13 @@ async def start_daemon(llama_server_bin, tmp_path) -> AsyncIterator[Callable[...
         await handle.daemon.stop()
 
 
-def llama_children() -> list[psutil.Process]:
-    """llama-server processes started by this test process."""
-    return [p for p in psutil.Process().children(recursive=True) if "llama-server" in p.name()]
+def llama_children(pid: int | None = None) -> list[psutil.Process]:
+    """llama-server processes below this test process (or below pid). One that exits while we look is not there."""
+    found = []
+    for process in psutil.Process(pid).children(recursive=True):
+        try:
+            if "llama-server" in process.name():
+                found.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return found

@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import llama_children
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -131,7 +133,7 @@ def test_daemon_killed_with_sigkill_leaves_no_llama_server(tmp_path, tiny_models
             assert cli("load", model, "--url", url).returncode == 0
         status = cli("status", "--url", url)
         assert status.returncode == 0 and "m1" in status.stdout and "ready" in status.stdout
-        children = [p for p in psutil.Process(daemon.pid).children(recursive=True) if "llama-server" in p.name()]
+        children = llama_children(daemon.pid)
         assert len(children) == 2
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(10)
@@ -156,7 +158,7 @@ def test_sigterm_stops_children_and_exits_0_and_client_commands_report_failures(
         assert cli("load", "m1", "--config", str(config)).returncode == 0
         failed = cli("load", "nope", "--config", str(config))
         assert failed.returncode == 1 and "does not exist" in failed.stderr
-        children = [p for p in psutil.Process(daemon.pid).children(recursive=True) if "llama-server" in p.name()]
+        children = llama_children(daemon.pid)
         assert cli("unload", "--config", str(config)).returncode == 0
         assert psutil.wait_procs(children, timeout=5)[1] == []
         assert cli("load", "m1", "--config", str(config)).returncode == 0

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from aiohttp import web

@@ -86,7 +86,7 @@ def test_twenty_sigkills_leave_no_orphans_and_each_restart_serves_at_once(tmp_pa
             wait_http(f"{url}/health", daemon)
             status, answer = request(f"{url}/v1/chat/completions", body)
             assert status == 200, (round_, answer)
-            children = [p for p in psutil.Process(daemon.pid).children(recursive=True) if "llama-server" in p.name()]
+            children = llama_children(daemon.pid)
             assert len(children) == 1
             daemon.send_signal(signal.SIGKILL)
             daemon.wait(10)
@@ -135,8 +135,7 @@ group = "main"
                         async with http.get(f"{url}/status") as response:
                             if (await response.json())["models"]["b"]["queued"] == 1:
                                 break
-                    children = [p for p in psutil.Process(daemon.pid).children(recursive=True)
-                                if "llama-server" in p.name()]  # fmt: skip
+                    children = llama_children(daemon.pid)
                     daemon.send_signal(signal.SIGTERM)
                     refused = await queued
                     assert refused.status == 503

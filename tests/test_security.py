@@ -8,8 +8,9 @@ import signal
 import sys
 
 import aiohttp
-import psutil
 import pytest
+
+from conftest import llama_children
 from aiohttp import web
 
 from test_cli import free_port
@@ -87,7 +88,7 @@ api_key_env = "FRONTIER_KEY"
             assert await call("POST", "/reload", headers={"Authorization": f"Bearer {SECRETS['MS_ADMIN']}"}) == 200
             # The cloud got its key; the local model did not get anyone's.
             assert fake.requests[0]["auth"] == f"Bearer {SECRETS['FRONTIER_KEY']}"
-            children = [p for p in psutil.Process(daemon.pid).children(recursive=True) if "llama-server" in p.name()]
+            children = llama_children(daemon.pid)
             assert children
             for child in children:
                 environment = "\n".join(f"{k}={v}" for k, v in child.environ().items())

@@ -30,7 +30,9 @@ BOUND_S = 60  # queue_timeout_s (20) + a load + generation, with room for a busy
 
 
 def llama_children(daemon: psutil.Process) -> list[psutil.Process]:
-    return [p for p in daemon.children(recursive=True) if "llama-server" in p.name()]
+    from conftest import llama_children as below
+
+    return below(daemon.pid)
 
 
 def test_soak_with_random_kills(tmp_path, tiny_models, llama_server_bin):
@@ -62,7 +64,6 @@ swap = true
         wait_http(f"{url}/health", process)
 
         async def run() -> tuple[float, int, float, int]:
-            nonlocal kills
             done = 0
             baseline_rss = baseline_fds = 0.0
             queue: asyncio.Queue[int] = asyncio.Queue()

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from conftest import llama_children
 import structlog
 import structlog.testing
 
@@ -231,7 +233,7 @@ def test_daemon_speaks_the_notify_protocol(tmp_path, tiny_models, llama_server_b
         before = len(listener.messages)
         assert cli("load", "m1", "--url", f"http://127.0.0.1:{port}").returncode == 0
         listener.wait_line("STATUS=1 model: m1 ready", timeout=10, after=before)
-        children = [p for p in psutil.Process(daemon.pid).children(recursive=True) if "llama-server" in p.name()]
+        children = llama_children(daemon.pid)
         assert len(children) == 1
         child_env = children[0].environ()
         assert "PATH" in child_env  # the environment was readable
