@@ -250,13 +250,22 @@ def render_status(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_load(args: argparse.Namespace) -> int:
-    answer = _client_command(args, "POST", f"/models/{args.model}/load", timeout=3600)
+def _admin_call(args: argparse.Namespace, what: str, method: str, path: str, timeout: float = 30,
+                body: Any = None) -> dict[str, Any] | None:
+    """Call the daemon; the answer's body on 200, else None after saying why on stderr."""
+    answer = _client_command(args, method, path, timeout, body)
     if answer is None:
-        return EXIT_FAIL
-    status, body = answer
+        return None
+    status, document = answer
     if status != 200:
-        print(f"model-supervisor: load {args.model} failed: {_message(body)}", file=sys.stderr)
+        print(f"model-supervisor: {what} failed: {_message(document)}", file=sys.stderr)
+        return None
+    return document
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    body = _admin_call(args, f"load {args.model}", "POST", f"/models/{args.model}/load", timeout=3600)
+    if body is None:
         return EXIT_FAIL
     print(f"{args.model}: ready (loaded in {body.get('load_ms')} ms)")
     return EXIT_OK
@@ -264,12 +273,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_unload(args: argparse.Namespace) -> int:
     path = f"/models/{args.model}/unload" if args.model else "/unload"
-    answer = _client_command(args, "POST", path, timeout=600)
-    if answer is None:
-        return EXIT_FAIL
-    status, body = answer
-    if status != 200:
-        print(f"model-supervisor: unload failed: {_message(body)}", file=sys.stderr)
+    if _admin_call(args, "unload", "POST", path, timeout=600) is None:
         return EXIT_FAIL
     print(f"{args.model or 'all models'}: unloaded")
     return EXIT_OK
@@ -277,14 +281,10 @@ def cmd_unload(args: argparse.Namespace) -> int:
 
 def cmd_gaming(args: argparse.Namespace) -> int:
     if args.action == "status":
-        answer = _client_command(args, "GET", "/gaming-mode")
+        body = _admin_call(args, "gaming status", "GET", "/gaming-mode")
     else:
-        answer = _client_command(args, "POST", "/gaming-mode", body={"enabled": args.action == "on"})
-    if answer is None:
-        return EXIT_FAIL
-    status, body = answer
-    if status != 200:
-        print(f"model-supervisor: gaming {args.action} failed: {_message(body)}", file=sys.stderr)
+        body = _admin_call(args, f"gaming {args.action}", "POST", "/gaming-mode", body={"enabled": args.action == "on"})
+    if body is None:
         return EXIT_FAIL
     print(f"gaming mode: {'on' if body['enabled'] else 'off'}")
     return EXIT_OK
