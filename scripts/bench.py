@@ -9,7 +9,7 @@
 Everything is measured in one run on this machine, with one llama-server binary ($LLAMA_SERVER, else the
 cached build of scripts/build-llama-server.sh), the same generated GGUFs (cached by their parameters under
 ~/.cache/model-supervisor/bench-models) and the same request bodies for every contender. The daemon runs as its
-own process (`python -m supervisor.cli run`), so the load generator shares neither its event loop nor its CPU
+own process (`python -m model_supervisor.cli run`), so the load generator shares neither its event loop nor its CPU
 accounting. Sections:
 
   proxy      short-completion latency (p50, p99) and streaming throughput at 1 and 16 streams:
@@ -54,7 +54,7 @@ import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-from supervisor.testmodels import write_test_model  # noqa: E402
+from model_supervisor.testmodels import write_test_model  # noqa: E402
 
 MIB = 1024 * 1024
 HOST = "127.0.0.1"
@@ -455,7 +455,7 @@ class Bench:
         # The environment must not reconfigure the daemon behind the generated file's back.
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
         env.update(LLAMA_SERVER=self.binary, PYTHONUNBUFFERED="1")
-        proc = self.procs.spawn([sys.executable, "-m", "supervisor.cli", "run", "--config", str(path)], log, env)
+        proc = self.procs.spawn([sys.executable, "-m", "model_supervisor.cli", "run", "--config", str(path)], log, env)
         url = f"http://{HOST}:{port}"
         await wait_ready(self.http, url + "/health", proc, log, timeout=60)
         return Server("daemon", url, proc, log)

@@ -77,7 +77,7 @@ EOF
 )"
     have="$(cat "$stamp" 2>/dev/null || true)"
     if [ "$want" != "$have" ] || [ ! -x "$venv/bin/model-supervisor" ] ||
-        ! (cd / && "$venv/bin/python" -c 'import supervisor, pytest' >/dev/null 2>&1); then
+        ! (cd / && "$venv/bin/python" -c 'import model_supervisor, pytest' >/dev/null 2>&1); then
         log "installing model-supervisor and its test dependencies into .venv (pip, quiet)"
         pip=("$venv/bin/python" -m pip --disable-pip-version-check)
         # Build-backend warnings are noise here; the whole output is shown when the install fails.

@@ -26,7 +26,7 @@ for spec in demo-a:1 demo-b:2; do
     name="${spec%%:*}" seed="${spec##*:}"
     if [ ! -s "$demo/$name.gguf" ]; then
         echo "demo: generating $demo/$name.gguf (seed $seed)" >&2
-        "$python" -m supervisor.testmodels "$demo/$name.gguf" --seed "$seed" --name "$name" >/dev/null  # atomic
+        "$python" -m model_supervisor.testmodels "$demo/$name.gguf" --seed "$seed" --name "$name" >/dev/null  # atomic
     fi
 done
 

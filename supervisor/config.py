@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,7 +39,8 @@ class ConfigError(Exception):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: `max_body_mb = inf` or a NaN timeout is a mistake to name, not a value to run with.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
@@ -179,6 +181,7 @@ class Config(BaseSettings):
     model_config = SettingsConfigDict(
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,
         env_prefix="MODEL_SUPERVISOR_",
         env_nested_delimiter="__",
         nested_model_default_partial_update=True,
@@ -316,6 +319,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"cannot read the config: {exc.strerror or exc}"], str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not UTF-8 text (byte {exc.start}): a TOML file must be UTF-8"], str(path)) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -364,3 +369,64 @@ def preflight(config: Config) -> list[str]:
         for name, model in config.models.items()
         if not model.model.is_file()
     ]
+
+
+# Settings a running daemon keeps until it restarts: its socket, its state, its children's ports, its probe.
+RESTART_ONLY = ("daemon.listen", "daemon.state_dir", "daemon.port_range", "daemon.max_body_mb",
+                "daemon.admin_token_env", "daemon.api_key_env", "gpu.backend", "gpu.device", "gaming.auto_detect")
+
+
+@dataclass(frozen=True)
+class ConfigDiff:
+    """What a reload changes, model by model. process_changed: the model file or args differ, so its child must
+    be started again; changed: other settings (TTL, priority, aliases, ...) that apply in place."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    process_changed: tuple[str, ...]
+    changed: tuple[str, ...]
+    unchanged: tuple[str, ...]
+    needs_restart: tuple[str, ...]  # RESTART_ONLY keys that differ; kept as they were until a restart
+
+
+def _setting(config: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def diff_configs(old: Config, new: Config) -> ConfigDiff:
+    added, process_changed, changed, unchanged = [], [], [], []
+    for name, model in new.models.items():
+        before = old.models.get(name)
+        if before is None:
+            added.append(name)
+        elif (before.model, before.args) != (model.model, model.args):
+            process_changed.append(name)
+        elif before != model:
+            changed.append(name)
+        else:
+            unchanged.append(name)
+    removed = sorted(set(old.models) - set(new.models))
+    needs_restart = sorted(key for key in RESTART_ONLY if _setting(old, key) != _setting(new, key))
+    return ConfigDiff(tuple(added), tuple(removed), tuple(process_changed), tuple(changed), tuple(unchanged),
+                      tuple(needs_restart))
+
+
+def keep_restart_only(old: Config, new: Config, needs_restart: tuple[str, ...]) -> Config:
+    """The new config with the restart-only settings as the running daemon has them, so it stays consistent."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key in needs_restart:
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = _setting(old, key)
+    updates = {section: getattr(new, section).model_copy(update=values) for section, values in sections.items()}
+    return new.model_copy(update=updates)
+
+
+class LiveConfig:
+    """The one config in force. A reload replaces `current`; everything that reads settings reads them here, at
+    the moment it needs them, so no component keeps a stale copy."""
+
+    def __init__(self, config: Config, path: str | None = None, binary: str = ""):
+        self.current = config
+        self.path = path  # the file SIGHUP and POST /reload re-read; None when started from a Config object
+        self.binary = binary  # llama-server as found for the current config

@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import os
 import signal
-from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp import web
 
-from .api import Api
-from .config import Config, ConfigError, is_loopback
-from .driver import Driver
+from .children import Children, LlamaChildren
+from .config import Config, ConfigError, LiveConfig, is_loopback
 from .estimate import LearnedStore
-from .fallback import CloudClient
 from .gaming import GamingStore
 from .gpu import Probe, open_probe
+from .http.app import Api
+from .http.cloud import CloudClient
+from .http.documents import take_snapshot
+from .http.proxy import Proxy
+from .http.site import HeadDeadlines, HeadDeadlineSite
 from .ledger import Ledger
 from .metrics import Metrics
-from .proxy import Proxy
+from .runtime import Runtime
+from .scheduler import model_views
 from .systemd import Notifier, StatusReporter, describe
 
 log = structlog.get_logger("supervisor")
@@ -39,19 +42,28 @@ def check_exposure(config: Config) -> None:
 
 
 class Daemon:
-    """One running model-supervisor: the HTTP server, the scheduler's owner and its children."""
+    """One running model-supervisor: the HTTP server, the runtime and its children, started and stopped as one.
+
+    Everything is entered into one AsyncExitStack in start(), so stop() (or a failed start) unwinds exactly what
+    was set up, in reverse order. The config lives in one LiveConfig that a reload replaces for everyone."""
 
     def __init__(self, config: Config, binary: str, port: int | None = None, probe: Probe | None = None,
-                 config_path: str | None = None):
-        self.config = config
-        self.config_path = config_path  # what SIGHUP and POST /reload re-read
-        self.binary = binary
+                 config_path: str | None = None, children: Children | None = None):
+        self.live = LiveConfig(config, config_path, binary)
         self.port = config.daemon.port if port is None else port
         self.probe = probe
-        self.driver: Driver | None = None
+        self.children = children  # None: llama-server children (tests may pass fakes)
+        self.runtime: Runtime | None = None
         self.proxy: Proxy | None = None
-        self._runner: web.AppRunner | None = None
-        self._http: aiohttp.ClientSession | None = None
+        self.ledger: Ledger | None = None
+        self.metrics: Metrics | None = None
+        self.runner: web.AppRunner | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._sites: list[web.BaseSite] = []
+
+    @property
+    def config(self) -> Config:
+        return self.live.current
 
     @property
     def url(self) -> str:
@@ -59,55 +71,77 @@ class Daemon:
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
     async def start(self) -> None:
-        check_exposure(self.config)
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _start(self) -> None:
+        config = self.config
+        check_exposure(config)
+        stack = self._stack
         # One pool for health checks and proxying: upstream connections are reused across requests.
-        self._http = aiohttp.ClientSession(
+        http = await stack.enter_async_context(aiohttp.ClientSession(
             auto_decompress=False,
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             timeout=aiohttp.ClientTimeout(total=None),
-        )
+        ))  # fmt: skip
         if self.probe is None:
-            self.probe = open_probe(self.config.gpu.backend, self.config.gpu.device)
+            self.probe = open_probe(config.gpu.backend, config.gpu.device)
+        stack.callback(self.probe.close)
         state_dir_ok = self._state_dir_usable()
-        learned = LearnedStore(self.config.daemon.state_dir) if state_dir_ok else None
-        gaming = GamingStore(self.config.daemon.state_dir) if state_dir_ok else None
-        self.driver = Driver(self.config, self.binary, self._http, self.probe, learned, gaming)
-        await self.driver.start()
-        driver = self.driver
-        cloud = CloudClient(lambda: driver.config, self._http)
-        self.proxy = Proxy(self.driver, self._http, cloud)
-        self.metrics = Metrics(self.driver)
-        self.driver.observers.append(self.metrics.on_event)
+        learned = LearnedStore(config.daemon.state_dir) if state_dir_ok else None
+        gaming = GamingStore(config.daemon.state_dir) if state_dir_ok else None
+        if self.children is None:
+            self.children = LlamaChildren(self.live, http)
+        runtime = self.runtime = Runtime(self.live, self.children, self.probe, learned, gaming)
+        await runtime.start()
+        stack.push_async_callback(runtime.close)  # for a failed start; a normal stop closes it in _stop_serving
+        live = self.live
+        self.proxy = Proxy(runtime, http, CloudClient(lambda: live.current, http))
+        self.metrics = Metrics(lambda: take_snapshot(runtime))
+        runtime.observers.append(self.metrics.on_notice)
         self.proxy.observers.append(self.metrics.on_request)
         # Without a usable state_dir there is no ledger; requests are served all the same.
-        # The live config, as the proxy sees it: a reload may change prices.
-        self.ledger = Ledger.open(lambda: self.driver.config) if state_dir_ok else None
+        self.ledger = Ledger.open(lambda: live.current) if state_dir_ok else None
         if self.ledger is not None:
             self.proxy.observers.append(self.ledger.record)
-        api = Api(self.driver, self.proxy, self.ledger)
-        api.metrics = self.metrics
-        if self.config_path is not None:
-            api.reloader = self.reload
+            # Closed after the handlers are gone, so every request is in its queue; close() writes it all out.
+            stack.push_async_callback(asyncio.to_thread, self.ledger.close)
+        heads = HeadDeadlines(config.daemon.header_timeout_s)
+        stack.callback(heads.close)
+        api = Api(runtime, self.proxy, self.metrics, self.ledger, heads)
         # handler_cancellation: a client that disconnects cancels its handler, which cancels the upstream call.
         # lingering_time: after an early answer (413, 408) the rest of a body is read and dropped this long at most.
-        self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None,
-                                     keepalive_timeout=self.config.daemon.keepalive_timeout_s, lingering_time=2.0,
-                                     shutdown_timeout=5.0)  # in-flight requests were drained before cleanup
-        await self._runner.setup()
-        site = HeadDeadlineSite(self._runner, self.config.daemon.host, self.port,
-                                self.config.daemon.header_timeout_s, api.heads_received)
+        runner = self.runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None,
+                                             keepalive_timeout=config.daemon.keepalive_timeout_s, lingering_time=2.0,
+                                             shutdown_timeout=5.0)  # in-flight requests were drained before cleanup
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = HeadDeadlineSite(runner, config.daemon.host, self.port, heads)
+        # Unwound first on the way out: no new connections, then the drain, while open ones are still served.
+        stack.push_async_callback(self._stop_serving)
         await site.start()
+        self._sites.append(site)
         if self.port == 0:  # tests ask for any free port
-            self.port = self._runner.addresses[0][1]
-        log.info("daemon_started", url=self.url, models=sorted(self.config.models), llama_server=self.binary)
+            self.port = runner.addresses[0][1]
+        log.info("daemon_started", url=self.url, models=sorted(config.models), llama_server=self.live.binary)
 
-    def reload(self) -> dict:
+    async def _stop_serving(self) -> None:
+        log.info("daemon_stopping")
+        for site in self._sites:
+            await site.stop()
+        if self.runtime is not None:
+            await self.runtime.close()
+
+    async def reload(self) -> dict:
         """Re-read the config file (SIGHUP, POST /reload). Raises ConfigError, keeping the old config."""
-        assert self.driver is not None and self.config_path is not None
+        assert self.runtime is not None
         try:
-            return self.driver.reload(self.config_path)
+            return await self.runtime.reload()
         except ConfigError as exc:
-            log.error("config_reload_refused", path=self.config_path, problems=exc.problems)
+            log.error("config_reload_refused", path=self.live.path, problems=exc.problems)
             raise
 
     def _state_dir_usable(self) -> bool:
@@ -121,70 +155,10 @@ class Daemon:
         return True
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded), answer queued ones with 503, stop children."""
-        log.info("daemon_stopping")
-        if self._runner is not None:
-            for site in list(self._runner.sites):
-                await site.stop()  # no new connections; open ones keep being served while they drain
-        if self.driver is not None:
-            await self.driver.close(drain_s=self.config.daemon.drain_timeout_s)
-        if self._runner is not None:
-            await self._runner.cleanup()
-        ledger = getattr(self, "ledger", None)  # absent when start() failed before creating it
-        if ledger is not None:
-            # After the handlers are gone, so every request is in the queue; close() writes it all out.
-            await asyncio.to_thread(ledger.close)
-        if self._http is not None:
-            await self._http.close()
-        if self.probe is not None:
-            self.probe.close()
+        """Stop accepting, let in-flight requests finish (drain_timeout_s as configured now), answer queued ones
+        with 503, stop the children, write the ledger out."""
+        await self._stack.aclose()
         log.info("daemon_stopped")
-
-
-_HEAD_TIMEOUT_BODY = json.dumps({"error": {"message": "the request head did not arrive in time",
-                                           "type": "invalid_request_error", "code": "header_timeout"}}).encode()
-REQUEST_TIMEOUT_408 = (
-    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(_HEAD_TIMEOUT_BODY), _HEAD_TIMEOUT_BODY)
-)
-
-
-class HeadDeadlineSite(web.BaseSite):
-    """A TCP site whose connections must send a complete request head within timeout_s of connecting.
-
-    aiohttp has no such timeout: a client trickling header bytes (slowloris) would hold a connection forever.
-    The API's middleware records each connection that got a head in; the rest get a 408 and are closed. (A slow
-    head on a later keep-alive request is bounded by keepalive_timeout_s instead.)"""
-
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, timeout_s: float, heads: set[int]):
-        super().__init__(runner)
-        self._host, self._port, self._timeout_s, self._heads = host, port, timeout_s, heads
-
-    @property
-    def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
-
-    async def start(self) -> None:
-        await super().start()
-        loop = asyncio.get_running_loop()
-        factory = self._runner.server
-        assert factory is not None
-
-        def connection() -> asyncio.Protocol:
-            handler = factory()
-            loop.call_later(self._timeout_s, self._deadline, handler)
-            return handler
-
-        self._server = await loop.create_server(connection, self._host, self._port, reuse_address=True)
-
-    def _deadline(self, handler: Any) -> None:
-        if id(handler) in self._heads:
-            self._heads.discard(id(handler))
-            return
-        transport = handler.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(REQUEST_TIMEOUT_408)
-            transport.close()
 
 
 # Startup work before READY=1 (memory probe, restoring gaming mode) gets this much on top of TimeoutStartSec.
@@ -203,15 +177,25 @@ async def serve(config: Config, binary: str, notifier: Notifier | None = None, c
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    def reload() -> None:
-        if daemon.driver is None or config_path is None:
-            return
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload_now() -> None:
         notifier.reloading()
         try:
-            daemon.reload()
+            await daemon.reload()
         except ConfigError:
             pass  # logged by Daemon.reload, with the reasons; the old config stays in force
-        notifier.ready(status.current() if status is not None else "ready")
+        except Exception:  # whatever went wrong, systemd must hear READY=1 again
+            log.exception("config_reload_failed")
+        finally:
+            notifier.ready(status.current() if status is not None else "ready")
+
+    def reload() -> None:
+        if daemon.runtime is None or config_path is None:
+            return
+        task = asyncio.ensure_future(reload_now())  # reading GGUFs happens off the loop: it takes a task
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     status: StatusReporter | None = None
     loop.add_signal_handler(signal.SIGHUP, reload)
@@ -228,10 +212,10 @@ async def serve(config: Config, binary: str, notifier: Notifier | None = None, c
         await daemon.stop()
         notifier.close()
         return 1
-    driver = daemon.driver
-    assert driver is not None
-    status = StatusReporter(notifier, lambda: describe(driver.core.views(driver.now()), driver.gaming))
-    driver.observers.append(status.changed)
+    runtime = daemon.runtime
+    assert runtime is not None
+    status = StatusReporter(notifier, lambda: describe(model_views(runtime.core, runtime.now()), runtime.gaming))
+    runtime.observers.append(status.changed)
     first = status.current()
     notifier.ready(first)  # the HTTP server answers from here on
     status.sent(first)
@@ -242,7 +226,8 @@ async def serve(config: Config, binary: str, notifier: Notifier | None = None, c
         # asks for long bounds: say so, so systemd does not SIGKILL a drain that is within them.
         status.prefix = "stopping: "
         notifier.stopping(status.current())
-        notifier.extend_timeout(config.daemon.drain_timeout_s + config.daemon.stop_timeout_s + STOP_MARGIN_S)
+        settings = daemon.config.daemon  # as the last reload left them
+        notifier.extend_timeout(settings.drain_timeout_s + settings.stop_timeout_s + STOP_MARGIN_S)
         await daemon.stop()
     finally:
         # Pings went on while stopping; a stop that hangs is bounded by the unit's stop timeout, not the watchdog.

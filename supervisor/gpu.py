@@ -22,6 +22,8 @@ from typing import Any, Protocol
 import psutil
 import structlog
 
+from .scheduler.events import MemorySnapshot
+
 __all__ = ["MemorySnapshot", "Probe", "ProbeError", "FixedProbe", "HostProbe", "NvidiaProbe", "AmdProbe",
            "open_probe"]
 
@@ -37,24 +39,6 @@ APU_MAX_CARVEOUT_MB = 2048
 
 class ProbeError(RuntimeError):
     """A snapshot could not be taken (the driver lost the GPU, the library failed, ...)."""
-
-
-@dataclass(frozen=True)
-class MemorySnapshot:
-    backend: str  # "nvidia" | "amd" | "host" | "fixed"
-    device: str  # human name: "NVIDIA GeForce RTX 3090", "AMD Radeon 8060S", "host RAM"
-    pool: str  # which memory total_mb/used_mb describe and the daemon budgets on: "vram" | "gtt" | "ram"
-    total_mb: int
-    used_mb: int
-    vram_total_mb: int | None = None
-    vram_used_mb: int | None = None
-    gtt_total_mb: int | None = None
-    gtt_used_mb: int | None = None
-    process_mb: dict[int, int] | None = None  # pid -> MiB held in the pool, where the backend reports it
-
-    @property
-    def free_mb(self) -> int:
-        return max(0, self.total_mb - self.used_mb)
 
 
 class Probe(Protocol):

@@ -1,21 +1,27 @@
 """Prometheus metrics: counters and histograms fed by what happens, gauges read from live state at scrape time.
 
-Events come from the driver's observers (loads, unloads, fallbacks, leases) and the proxy's request records
-(routes, statuses, tokens, waits). Gauges (state, in-flight, queue depth, memory) are not kept up to date by hand:
-a collector reads them from the driver when Prometheus scrapes, so they can never drift from the truth.
+Counters come from the runtime's typed notices (loads, unloads, fallbacks, leases) and the proxy's request
+records (routes, statuses, tokens, waits). Gauges (state, in-flight, queue depth, memory) are not kept up to date
+by hand: at each scrape a collector reads them from the same status snapshot /status shows, so they can never
+drift from the truth.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .notices import ChildExited, ChildStopped, FellBack, LeaseFinished, LeaseGranted, LoadFailedNotice, LoadReady
+from .notices import LoadStarting, Notice
 from .records import RequestRecord
 from .scheduler import Phase
+
+if TYPE_CHECKING:
+    from .http.documents import StatusSnapshot
 
 PREFIX = "model_supervisor"
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -26,8 +32,7 @@ MB = 1024 * 1024
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, driver: Any):
-        self.driver = driver
+    def __init__(self, snapshot: Callable[[], StatusSnapshot]):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.loads = Counter(f"{PREFIX}_loads", "Model loads started, by cause (request, admin)",
@@ -47,25 +52,25 @@ class Metrics:
                                  ["model", "reason"], registry=r)  # fmt: skip
         self.leases = Counter(f"{PREFIX}_lease_events", "Leases granted, and ended by reason (released, expired, "
                               "holder_died)", ["event"], registry=r)  # fmt: skip
-        r.register(_LiveState(driver))
+        r.register(_LiveState(snapshot))
 
-    def on_event(self, kind: str, fields: dict[str, Any]) -> None:
-        """A driver observer."""
-        model = fields.get("model", "")
-        if kind == "starting":
-            self.loads.labels(model, fields.get("cause", "request")).inc()
-        elif kind == "spawned":
-            self.load_seconds.labels(model).observe(fields["load_s"])
-        elif kind == "load_failed":
-            self.load_failures.labels(model).inc()
-        elif kind in ("stopped", "exited"):
-            self.unloads.labels(model, fields.get("cause", "unknown")).inc()
-        elif kind == "fallback":
-            self.fallbacks.labels(model, fields["reason"]).inc()
-        elif kind == "lease_granted":
-            self.leases.labels("granted").inc()
-        elif kind == "lease_ended":
-            self.leases.labels(fields["reason"]).inc()
+    def on_notice(self, notice: Notice) -> None:
+        """A runtime observer."""
+        match notice:
+            case LoadStarting():
+                self.loads.labels(notice.model, notice.cause).inc()
+            case LoadReady():
+                self.load_seconds.labels(notice.model).observe(notice.load_s)
+            case LoadFailedNotice():
+                self.load_failures.labels(notice.model).inc()
+            case ChildStopped() | ChildExited():
+                self.unloads.labels(notice.model, notice.cause).inc()
+            case FellBack():
+                self.fallbacks.labels(notice.model, notice.reason).inc()
+            case LeaseGranted():
+                self.leases.labels("granted").inc()
+            case LeaseFinished():
+                self.leases.labels(notice.reason).inc()
 
     def on_request(self, record: RequestRecord) -> None:
         """A proxy observer."""
@@ -82,47 +87,40 @@ class Metrics:
 
 
 class _LiveState(Collector):
-    """Gauges read from the driver at scrape time."""
+    """Gauges read from a status snapshot at scrape time."""
 
-    def __init__(self, driver: Any):
-        self.driver = driver
+    def __init__(self, snapshot: Callable[[], StatusSnapshot]):
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        core = self.driver.core
+        snap = self.snapshot()
         state = GaugeMetricFamily(f"{PREFIX}_model_state", "1 for the state each model is in", labels=["model", "state"])
         in_flight = GaugeMetricFamily(f"{PREFIX}_in_flight", "Requests being served", labels=["model"])
         queued = GaugeMetricFamily(f"{PREFIX}_queued", "Requests waiting for the model", labels=["model"])
         need = GaugeMetricFamily(f"{PREFIX}_model_memory_bytes", "What the model holds once loaded (config, "
                                  "estimate or measured)", labels=["model"])  # fmt: skip
-        waiting: dict[str, int] = {}
-        for waiter in core.waiters.values():
-            if waiter.kind == "request" and not waiter.detached:
-                waiting[waiter.model] = waiting.get(waiter.model, 0) + 1
-        for name, model in core.models.items():
+        for name, view in snap.models.items():
             for phase in Phase:
-                state.add_metric([name, phase.value], 1.0 if model.phase is phase else 0.0)
-            in_flight.add_metric([name], model.in_flight)
-            queued.add_metric([name], waiting.get(name, 0))
-            need.add_metric([name], model.need_mb * MB)
+                state.add_metric([name, phase.value], 1.0 if view.state == phase.value else 0.0)
+            in_flight.add_metric([name], view.in_flight)
+            queued.add_metric([name], view.queued)
+            need.add_metric([name], view.need_mb * MB)
         yield from (state, in_flight, queued, need)
 
-        yield GaugeMetricFamily(f"{PREFIX}_gaming_mode", "1 while gaming mode is on", value=float(core.gaming))
+        yield GaugeMetricFamily(f"{PREFIX}_gaming_mode", "1 while gaming mode is on", value=float(snap.gaming))
         leases = GaugeMetricFamily(f"{PREFIX}_leases", "Leases held and waiting", labels=["status"])
-        leases.add_metric(["held"], len(core.leases))
-        leases.add_metric(["queued"], sum(1 for w in core.waiters.values() if w.kind == "lease"))
+        leases.add_metric(["held"], len(snap.leases))
+        leases.add_metric(["queued"], snap.leases_queued)
         yield leases
 
-        snapshot, budget = self.driver.snapshot, core.budget
-        if snapshot is None or budget is None:
+        if not snap.memory:
             return
         memory = GaugeMetricFamily(f"{PREFIX}_memory_bytes", "Device memory by kind: total, used, free (as the "
                                    "probe reads them), gtt_total, gtt_used, reserve, foreign (other programs), "
                                    "models and leases (reserved by the daemon)", labels=["device", "pool", "kind"])  # fmt: skip
-        models_mb, leases_mb = core.committed_mb()
-        figures = {"total": snapshot.total_mb, "used": snapshot.used_mb, "free": snapshot.free_mb,
-                   "reserve": budget.reserve_mb, "foreign": budget.foreign_mb, "models": models_mb,
-                   "leases": leases_mb, "gtt_total": snapshot.gtt_total_mb, "gtt_used": snapshot.gtt_used_mb}  # fmt: skip
-        for kind, value in figures.items():
-            if value is not None:
-                memory.add_metric([snapshot.device, snapshot.pool, kind], value * MB)
+        for device in snap.memory:
+            for kind in ("total", "used", "free", "reserve", "foreign", "models", "leases", "gtt_total", "gtt_used"):
+                value = device.get(f"{kind}_mb")
+                if value is not None:
+                    memory.add_metric([device["device"], device["pool"], kind], value * MB)
         yield memory

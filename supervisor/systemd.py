@@ -136,8 +136,8 @@ def describe(views: Iterable[Any], gaming: bool) -> str:
 class StatusReporter:
     """Sends STATUS= when the text changes, at most once per `min_interval_s`; the last change is always sent.
 
-    `changed` has the driver-observer signature. It only schedules: the text is built in a later loop callback,
-    because observers are called just before the driver applies the event they announce."""
+    `changed` is a runtime observer. It only schedules: the text is built in a later loop callback, because
+    observers are called just before the runtime applies the event they announce."""
 
     def __init__(self, notifier: Notifier, text: Callable[[], str], min_interval_s: float = 0.25):
         self.notifier = notifier
@@ -156,7 +156,7 @@ class StatusReporter:
         """Record a status that went out with another message (READY=1 carries the first one)."""
         self._last_text, self._last_sent = text, time.monotonic()
 
-    def changed(self, kind: str = "", fields: dict[str, Any] | None = None) -> None:
+    def changed(self, notice: object = None) -> None:
         if not self.notifier.enabled or self._handle is not None:
             return  # a flush is already due and will read the newest state
         delay = max(0.0, self._last_sent + self.min_interval_s - time.monotonic())

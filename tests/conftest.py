@@ -30,9 +30,13 @@ from typing import Any  # noqa: E402
 import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 
-from supervisor.config import Config, load_config, parse_config  # noqa: E402
-from supervisor.daemon import Daemon  # noqa: E402
-from supervisor.testmodels import write_test_model  # noqa: E402
+from model_supervisor.config import Config, load_config, parse_config  # noqa: E402
+from fake_children import FakeChildren  # noqa: E402
+from model_supervisor.daemon import Daemon  # noqa: E402
+from model_supervisor.gpu import FixedProbe  # noqa: E402
+from model_supervisor.notices import Notice  # noqa: E402
+from model_supervisor.runtime import Runtime  # noqa: E402
+from model_supervisor.testmodels import write_test_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -44,12 +48,12 @@ def tiny_models(tmp_path_factory) -> dict[int, pathlib.Path]:
 
 @dataclass
 class Timeline:
-    """What the driver reported, in order: (kind, fields, monotonic time)."""
+    """What the runtime reported, in order: (notice kind, its fields, monotonic time)."""
 
     entries: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)
 
-    def __call__(self, kind: str, fields: dict[str, Any]) -> None:
-        self.entries.append((kind, dict(fields), time.monotonic()))
+    def __call__(self, notice: Notice) -> None:
+        self.entries.append((notice.kind, notice.fields(), time.monotonic()))
 
     def of(self, kind: str, model: str | None = None) -> list[dict[str, Any]]:
         return [f for k, f, _ in self.entries if k == kind and (model is None or f.get("model") == model)]
@@ -77,17 +81,18 @@ class RunningDaemon:
         return self.daemon.url
 
     @property
-    def driver(self):
-        return self.daemon.driver
+    def runtime(self) -> Runtime:
+        assert self.daemon.runtime is not None
+        return self.daemon.runtime
 
     def queued(self, model: str) -> int:
-        return sum(1 for w in self.driver.core.waiters.values() if w.model == model)
+        return sum(1 for w in self.runtime.core.waiters.values() if w.model == model)
 
     def state(self, model: str) -> str:
-        return self.driver.core.models[model].phase.value
+        return self.runtime.core.models[model].phase.value
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 20) -> None:
-        await asyncio.wait_for(self.driver.wait_until(predicate), timeout)
+        await asyncio.wait_for(self.runtime.wait_until(predicate), timeout)
 
     async def chat(self, model: str, content: str = "hello", max_tokens: int = 8, **extra: Any):
         body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **extra}
@@ -111,34 +116,66 @@ def make_config(models: dict[str, dict], groups: dict | None = None, gpu: dict |
                          "cloud": cloud or {}, "gaming": gaming or {}})
 
 
-@pytest.fixture
-async def start_daemon(llama_server_bin, tmp_path) -> AsyncIterator[Callable[..., Any]]:
-    """start_daemon(models, groups, probe=, gpu=, cloud=, gaming=, binary=, **daemon_keys) -> RunningDaemon.
+class DaemonStarter:
+    """Starts daemons on free ports and stops them all afterwards."""
 
-    On a free port; without a probe the real one for this host is used (host RAM here); binary defaults to the
-    real llama-server. Everything is stopped afterwards."""
-    running: list[RunningDaemon] = []
+    def __init__(self, tmp_path: pathlib.Path, binary: str, fake: bool):
+        self.tmp_path, self.binary, self.fake = tmp_path, binary, fake
+        self.running: list[RunningDaemon] = []
 
-    async def start(models: dict[str, dict], groups: dict | None = None, probe=None, gpu: dict | None = None,
-                    cloud: dict | None = None, gaming: dict | None = None, binary: str | None = None,
-                    config_path: str | None = None, **daemon: Any) -> RunningDaemon:
-        daemon.setdefault("state_dir", str(tmp_path / "state"))
+    async def __call__(self, models: dict[str, dict], groups: dict | None = None, probe=None, gpu: dict | None = None,
+                       cloud: dict | None = None, gaming: dict | None = None, binary: str | None = None,
+                       config_path: str | None = None, children=None, **daemon: Any) -> RunningDaemon:
+        daemon.setdefault("state_dir", str(self.tmp_path / "state"))
         if config_path is not None:  # a real file, as `run --config` reads it (and SIGHUP re-reads it)
             config = load_config(config_path)
         else:
             config = make_config(models, groups, gpu, cloud, gaming, **daemon)
-        daemon_obj = Daemon(config, binary or llama_server_bin, port=0, probe=probe, config_path=config_path)
+        if self.fake and children is None:
+            children = FakeChildren()
+        if self.fake and probe is None:
+            probe = FixedProbe(total_mb=1_000_000)
+        daemon_obj = Daemon(config, binary or self.binary, port=0, probe=probe, config_path=config_path,
+                            children=children)
         await daemon_obj.start()
         timeline = Timeline()
-        daemon_obj.driver.observers.append(timeline)
+        daemon_obj.runtime.observers.append(timeline)
         handle = RunningDaemon(daemon_obj, aiohttp.ClientSession(), timeline)
-        running.append(handle)
+        self.running.append(handle)
         return handle
 
-    yield start
-    for handle in running:
-        await handle.http.close()
-        await handle.daemon.stop()
+    async def close(self) -> None:
+        for handle in self.running:
+            await handle.http.close()
+            await handle.daemon.stop()
+
+
+@pytest.fixture
+async def start_daemon(llama_server_bin, tmp_path) -> AsyncIterator[DaemonStarter]:
+    """start_daemon(models, groups, probe=, gpu=, cloud=, gaming=, binary=, **daemon_keys) -> RunningDaemon.
+
+    On a free port; without a probe the real one for this host is used (host RAM here); binary defaults to the
+    real llama-server. Everything is stopped afterwards."""
+    starter = DaemonStarter(tmp_path, llama_server_bin, fake=False)
+    yield starter
+    await starter.close()
+
+
+@pytest.fixture
+async def start_fake_daemon(tmp_path) -> AsyncIterator[DaemonStarter]:
+    """The same daemon with FakeChildren (no llama-server needed) and a fixed 1 TB memory budget, unless
+    children= or probe= say otherwise. `d.daemon.children` is the FakeChildren."""
+    starter = DaemonStarter(tmp_path, "/nonexistent/llama-server", fake=True)
+    yield starter
+    await starter.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the real llama-server (through the fixture) is marked llama, so that
+    `pytest -m "not llama"` never builds or looks for it."""
+    for item in items:
+        if "llama_server_bin" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.llama)
 
 
 def llama_children(pid: int | None = None) -> list[psutil.Process]:

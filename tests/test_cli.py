@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "supervisor.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "model_supervisor.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)  # fmt: skip
 
 
@@ -94,7 +94,7 @@ def test_run_refuses_a_bad_config_and_a_missing_llama_server(tmp_path, tiny_mode
     assert result.returncode == 2 and "daemon.port_range" in result.stderr
     config = write_config(tmp_path / "models.toml", {tiny_models[1]: "chat"}, free_port(), "/nonexistent/llama-server")
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_SERVER"}
-    result = subprocess.run([sys.executable, "-m", "supervisor.cli", "run", "--config", str(config)],
+    result = subprocess.run([sys.executable, "-m", "model_supervisor.cli", "run", "--config", str(config)],
                             capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
     assert result.returncode == 2
     assert "llama-server not found" in result.stderr and "daemon.llama_server" in result.stderr
@@ -124,7 +124,7 @@ def test_daemon_killed_with_sigkill_leaves_no_llama_server(tmp_path, tiny_models
     port = free_port()
     config = write_config(tmp_path / "models.toml", {tiny_models[1]: "chat", tiny_models[2]: "embed"}, port,
                           llama_server_bin)  # fmt: skip
-    daemon = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--config", str(config)],
+    daemon = subprocess.Popen([sys.executable, "-m", "model_supervisor.cli", "run", "--config", str(config)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         wait_http(f"http://127.0.0.1:{port}/health", daemon)
@@ -150,7 +150,7 @@ def test_sigterm_stops_children_and_exits_0_and_client_commands_report_failures(
                                                                                llama_server_bin):
     port = free_port()
     config = write_config(tmp_path / "models.toml", {tiny_models[1]: "chat"}, port, llama_server_bin)
-    daemon = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--config", str(config)],
+    daemon = subprocess.Popen([sys.executable, "-m", "model_supervisor.cli", "run", "--config", str(config)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         wait_http(f"http://127.0.0.1:{port}/health", daemon)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import DEFAULT_GROUP, ConfigError, load_config, parse_config, parse_listen
+from model_supervisor.config import DEFAULT_GROUP, ConfigError, load_config, parse_config, parse_listen
 
 
 def problems_of(data: dict) -> list[str]:

@@ -38,7 +38,7 @@ async def test_swap_a_b_a_serves_each_model_and_never_runs_two_children(start_da
         status, props = await d.get_json(f"/upstream/{model}/props")
         assert props["model_path"].endswith(f"m{1 if model == 'a' else 2}.gguf")
         assert len(llama_children()) == 1
-        seen_pids.append(d.driver.core.models[model].pid)
+        seen_pids.append(d.runtime.core.models[model].pid)
     assert len(set(seen_pids)) == 3  # a was restarted after b
     assert d.timeline.max_alive() == 1
     assert [f["cause"] for f in d.timeline.of("stopped")] == ["swap", "swap"]
@@ -69,11 +69,11 @@ async def test_persistent_group_member_survives_swaps_of_an_exclusive_group(star
     async with d.http.post(f"{d.url}/v1/embeddings", json={"model": "e", "input": "hello"}) as response:
         assert response.status == 200
         assert len((await response.json())["data"][0]["embedding"]) == 64
-    embed_pid = d.driver.core.models["e"].pid
+    embed_pid = d.runtime.core.models["e"].pid
     for model in ("a", "b", "a"):
         assert (await d.chat(model))[0] == 200
     assert d.state("e") == "ready"
-    assert d.driver.core.models["e"].pid == embed_pid
+    assert d.runtime.core.models["e"].pid == embed_pid
     assert not d.timeline.of("stopped", "e")
 
 
@@ -129,7 +129,7 @@ async def test_ttl_unloads_an_idle_model_and_ttl_zero_never_does(start_daemon, t
     assert d.timeline.of("stopped", "short")[0]["cause"] == "ttl"
     # 'forever' finished its request before 'short' did, so it has been idle longer than short's TTL.
     assert d.state("forever") == "ready"
-    assert d.driver.core.next_wakeup() is None
+    assert d.runtime.core.next_wakeup() is None
 
 
 async def test_model_whose_server_exits_at_start_fails_fast_with_the_cause(start_daemon, tiny_models):
@@ -177,7 +177,7 @@ async def test_client_disconnect_cancels_the_upstream_generation(start_daemon, t
         response = await own.post(f"{d.url}/v1/chat/completions", json=body)
         await response.content.readline()
         response.close()  # the client goes away mid-stream
-    await d.wait_until(lambda: d.driver.core.models["a"].in_flight == 0, timeout=10)
+    await d.wait_until(lambda: d.runtime.core.models["a"].in_flight == 0, timeout=10)
 
     async def slot_busy() -> bool:
         _, slots = await d.get_json("/upstream/a/slots")
@@ -359,9 +359,9 @@ async def test_stopping_does_not_wait_on_an_open_event_stream(start_daemon, tiny
 async def test_a_pooled_connection_the_upstream_closed_is_retried_on_a_fresh_one():
     """Named fake: an upstream that says keep-alive but closes after every answer (as llama-server does after a
     stream). The proxy's second request lands on the dead pooled connection and must be sent again, not 502."""
-    from supervisor.driver import Ticket
-    from supervisor.proxy import Proxy
-    from supervisor.records import ResponseTail
+    from model_supervisor.driver import Ticket
+    from model_supervisor.proxy import Proxy
+    from model_supervisor.records import ResponseTail
 
     async def answer_then_close(reader, writer):
         await reader.readuntil(b"\r\n\r\n")

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from supervisor.records import RequestRecord
+from model_supervisor.records import RequestRecord
 
 pytestmark = pytest.mark.llama
 
@@ -292,10 +292,10 @@ async def test_dashboard_follows_the_daemon_and_asks_for_the_admin_token(start_d
     await page.type("#token-input", "wrong")
     await page.click("#token-save")
     await page.wait_for_text("#token-message", "token rejected")
-    assert not d.driver.gaming
+    assert not d.runtime.gaming
     await page.type("#token-input", TOKEN)
     await page.click("#token-save")
-    await d.wait_until(lambda: d.driver.gaming)
+    await d.wait_until(lambda: d.runtime.gaming)
     await page.wait_for_text("#gaming-state", "on")
     assert await page.eval("document.querySelector('#gaming-toggle').getAttribute('aria-checked')") == "true"
     await page.wait_for_text('[data-model="a"] .state', "unloaded")  # gaming mode stopped a
@@ -309,7 +309,7 @@ async def test_dashboard_follows_the_daemon_and_asks_for_the_admin_token(start_d
 
     # The stored token goes with the next click at once: no prompt.
     await page.click("#gaming-toggle")
-    await d.wait_until(lambda: d.driver.gaming)
+    await d.wait_until(lambda: d.runtime.gaming)
     await page.wait_for_text("#gaming-state", "on")
     assert not await page.eval("document.querySelector('#token-form').classList.contains('shown')")
     assert page.errors == []
@@ -341,10 +341,10 @@ async def test_dashboard_without_a_token_shows_leases_usage_and_a_lost_connectio
 
     # No token configured: the switch works at once, both ways, and the page shows the daemon's state.
     await page.click("#gaming-toggle")
-    await d.wait_until(lambda: d.driver.gaming)
+    await d.wait_until(lambda: d.runtime.gaming)
     await page.wait_for_text("#gaming-state", "on")
     await page.click("#gaming-toggle")
-    await d.wait_until(lambda: not d.driver.gaming)
+    await d.wait_until(lambda: not d.runtime.gaming)
     await page.wait_for_text("#gaming-state", "off")
     assert (await d.post_json("/gaming-mode", {"enabled": True}))[0] == 200
     await page.wait_for_text("#gaming-state", "on")
@@ -354,7 +354,7 @@ async def test_dashboard_without_a_token_shows_leases_usage_and_a_lost_connectio
     # it): the page says the connection is lost. Once the reconnection goes through it is live again, and shows
     # what changed meanwhile.
     await page.send("Fetch.enable", patterns=[{"urlPattern": "*/events*", "requestStage": "Request"}])
-    for connection in d.daemon._runner.server.connections:
+    for connection in d.daemon.runner.server.connections:
         connection.force_close()
     paused = await page.event("Fetch.requestPaused")
     await page.wait_for("document.querySelector('#connection').dataset.state === 'lost'", "'connection lost'")

@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from supervisor.estimate import (
+from model_supervisor.estimate import (
     Estimate,
     GgufFacts,
     LearnedStore,
@@ -18,7 +18,7 @@ from supervisor.estimate import (
     estimate_model,
     read_gguf_facts,
 )
-from supervisor.testmodels import write_test_model
+from model_supervisor.testmodels import write_test_model
 
 MIB = 1024 * 1024
 
@@ -26,7 +26,7 @@ MIB = 1024 * 1024
 
 
 def expected_tensor_bytes(n_layers, n_embd, n_vocab):
-    """What supervisor.testmodels writes: F16 matrices, F32 norms, n_ff = 4 * n_embd."""
+    """What model_supervisor.testmodels writes: F16 matrices, F32 norms, n_ff = 4 * n_embd."""
     n_ff = 4 * n_embd
     per_layer = 2 * n_embd * 4 + 4 * n_embd * n_embd * 2 + 3 * n_ff * n_embd * 2
     return n_layers * per_layer, n_embd * 4 + n_vocab * n_embd * 2, n_vocab * n_embd * 2

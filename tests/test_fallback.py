@@ -240,26 +240,26 @@ async def test_gaming_auto_detect_follows_a_listed_process(start_daemon, tiny_mo
     shutil.copy("/bin/sleep", game)  # a process whose name is "fakegame-x"
     d = await start_daemon(two_models(tiny_models), OTHER, cloud=cloud_settings(cloud),
                            gaming={"auto_detect": ["fakegame-x"], "poll_interval_s": 0.05, "off_delay_s": 0.2})
-    assert not d.driver.gaming
+    assert not d.runtime.gaming
     process = subprocess.Popen([str(game), "60"])
     try:
-        await d.wait_until(lambda: d.driver.gaming, timeout=10)
+        await d.wait_until(lambda: d.runtime.gaming, timeout=10)
         assert "fakegame-x" in d.timeline.of("gaming")[-1]["source"]
     finally:
         process.kill()
         process.wait()
-    await d.wait_until(lambda: not d.driver.gaming, timeout=10)
+    await d.wait_until(lambda: not d.runtime.gaming, timeout=10)
     assert d.timeline.of("gaming")[-1]["source"].startswith("auto")
 
     # A manual toggle wins over detection until what detection sees changes.
     process = subprocess.Popen([str(game), "60"])
     try:
-        await d.wait_until(lambda: d.driver.gaming, timeout=10)
+        await d.wait_until(lambda: d.runtime.gaming, timeout=10)
         await d.post_json("/gaming-mode", {"enabled": False})
-        polls = d.driver.detection_polls
-        while d.driver.detection_polls < polls + 3:  # the detector looks a few more times: the game still runs
+        polls = d.runtime.gaming_watcher.polls
+        while d.runtime.gaming_watcher.polls < polls + 3:  # the detector looks a few more times: the game still runs
             await asyncio.sleep(0.01)
-        assert not d.driver.gaming
+        assert not d.runtime.gaming
     finally:
         process.kill()
         process.wait()

@@ -27,7 +27,7 @@ async def test_child_killed_mid_stream_ends_the_stream_with_an_error_and_the_nex
     body = {"model": "a", "stream": True, "max_tokens": 6000, "messages": [{"role": "user", "content": "go"}]}
     async with d.http.post(f"{d.url}/v1/chat/completions", json=body) as stream:
         await stream.content.readline()
-        victim = d.driver.core.models["a"].pid
+        victim = d.runtime.core.models["a"].pid
         os.kill(victim, signal.SIGKILL)
         events = [line async for line in stream.content if line.startswith(b"data: ")]
     final = json.loads(events[-1][6:])
@@ -36,7 +36,7 @@ async def test_child_killed_mid_stream_ends_the_stream_with_an_error_and_the_nex
     _, status = await d.get_json("/status")
     assert "exited unexpectedly" in status["models"]["a"]["last_error"]
     status, answer, _ = await d.chat("a")  # after the restart backoff (0.5 s), within the queue timeout
-    assert status == 200 and d.driver.core.models["a"].pid != victim
+    assert status == 200 and d.runtime.core.models["a"].pid != victim
     assert d.timeline.of("exited", "a")[0]["cause"] == "crash"
 
 
@@ -61,7 +61,7 @@ async def test_a_server_that_never_gets_ready_fails_after_health_timeout_and_its
 
 
 def start_daemon_process(config) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--config", str(config)],
+    return subprocess.Popen([sys.executable, "-m", "model_supervisor.cli", "run", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.config import ConfigError, parse_config
+from model_supervisor.config import ConfigError, parse_config
 from test_cli import free_port, wait_http
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -28,7 +28,7 @@ FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scope
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, llama_server_bin):
     """A daemon subprocess with one real model 'a' (alias 'speed'); its stderr is kept to look for tracebacks."""
-    from supervisor.testmodels import write_test_model
+    from model_supervisor.testmodels import write_test_model
 
     folder = tmp_path_factory.mktemp("fuzz")
     model = write_test_model(folder / "a.gguf", seed=5)
@@ -47,7 +47,7 @@ aliases = ["speed"]
 args = ["-c", "512"]
 """)
     log = open(folder / "daemon.log", "w+")
-    process = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--config", str(config)],
+    process = subprocess.Popen([sys.executable, "-m", "model_supervisor.cli", "run", "--config", str(config)],
                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     wait_http(f"http://127.0.0.1:{port}/health", process)
     yield port, process, log
@@ -203,7 +203,7 @@ def test_configs_are_valid_or_refused_naming_each_bad_key(data):
 @settings(max_examples=400, deadline=None)
 @given(text=st.text(max_size=200))
 def test_any_text_as_models_toml_is_refused_cleanly_or_parsed(text, tmp_path_factory):
-    from supervisor.config import load_config
+    from model_supervisor.config import load_config
 
     path = tmp_path_factory.getbasetemp() / "fuzz.toml"
     path.write_text(text, encoding="utf-8")

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from structlog.testing import capture_logs
 
-from supervisor.gpu import APU_MAX_CARVEOUT_MB, FixedProbe, HostProbe, MemorySnapshot, ProbeError, open_probe
+from model_supervisor.gpu import APU_MAX_CARVEOUT_MB, FixedProbe, HostProbe, MemorySnapshot, ProbeError, open_probe
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

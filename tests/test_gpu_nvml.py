@@ -11,9 +11,9 @@ import subprocess
 
 import pytest
 
-from supervisor.estimate import estimate_model
-from supervisor.gpu import NvidiaProbe
-from supervisor.testmodels import write_test_model
+from model_supervisor.estimate import estimate_model
+from model_supervisor.gpu import NvidiaProbe
+from model_supervisor.testmodels import write_test_model
 
 pytestmark = pytest.mark.llama
 
@@ -53,8 +53,8 @@ async def test_estimate_is_close_to_what_nvml_measures(nvidia, start_daemon, tmp
     d = await start_daemon({"g": {"model": str(model), "args": args}}, probe=probe)
     status, _, _ = await d.chat("g")
     assert status == 200
-    measured = d.driver.core.models["g"].need_mb
-    assert d.driver.need_source["g"] == "learned"
+    measured = d.runtime.core.models["g"].need_mb
+    assert d.runtime.memory.need_source["g"] == "learned"
     print(f"\nNVML: {size_mb} MB model, ctx {ctx}, cache {cache}: estimate {estimate.total_mb} MB "
           f"(weights {estimate.weights_mb}, kv {estimate.kv_mb}, compute {estimate.compute_mb}), measured {measured} MB")
     # The estimate only has to be in the right range: the learned figure replaces it after the first load.

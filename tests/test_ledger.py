@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from supervisor.config import ConfigError, parse_config
-from supervisor.ledger import (
+from model_supervisor.config import ConfigError, parse_config
+from model_supervisor.ledger import (
     SCHEMA_VERSION,
     Ledger,
     LedgerError,
@@ -29,7 +29,7 @@ from supervisor.ledger import (
     open_readonly,
     usage_from,
 )
-from supervisor.records import RequestRecord
+from model_supervisor.records import RequestRecord
 
 REPO = Path(__file__).resolve().parent.parent
 CLOUD = {
@@ -203,9 +203,9 @@ def test_reading_a_closed_ledger_creates_no_files(tmp_path, make_ledger):
 
 CRASHING_WRITER = textwrap.dedent("""
     import os, signal, sys, time
-    from supervisor.config import parse_config
-    from supervisor.ledger import Ledger
-    from supervisor.records import RequestRecord
+    from model_supervisor.config import parse_config
+    from model_supervisor.ledger import Ledger
+    from model_supervisor.records import RequestRecord
     ledger = Ledger(sys.argv[1], parse_config({}))
     for n in range(3):
         ledger.record(RequestRecord(started_at=time.time(), requested="a", model="a", provider="local",
@@ -251,7 +251,7 @@ def test_record_does_not_wait_for_a_blocked_writer(tmp_path, make_ledger):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "supervisor.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "model_supervisor.cli", *args], capture_output=True, text=True,
                           timeout=60, cwd=REPO)  # fmt: skip
 
 
@@ -339,7 +339,7 @@ async def usage_cloud():
 
 async def run_cli(*args: str) -> tuple[int, str, str]:
     """The CLI as a child process, awaited: the daemon it talks to runs on this event loop."""
-    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "supervisor.cli", *args, cwd=REPO,
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "model_supervisor.cli", *args, cwd=REPO,
                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     out, err = await asyncio.wait_for(process.communicate(), 60)
     return process.returncode, out.decode(), err.decode()

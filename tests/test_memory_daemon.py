@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import llama_children
-from supervisor.gpu import FixedProbe
+from model_supervisor.gpu import FixedProbe
 
 pytestmark = pytest.mark.llama
 
@@ -57,7 +57,7 @@ async def test_a_lease_blocked_by_an_in_flight_request_is_granted_once_it_finish
     async with d.http.post(f"{d.url}/v1/chat/completions", json=body) as stream:
         await stream.content.readline()
         pending = asyncio.ensure_future(lease(d, vram_mb=5000))
-        await d.wait_until(lambda: any(w.kind == "lease" for w in d.driver.core.waiters.values()))
+        await d.wait_until(lambda: any(w.kind == "lease" for w in d.runtime.core.waiters.values()))
         assert not pending.done() and d.state("a") == "ready"
         # While the lease waits for a to drain, a takes no new requests.
         _, health = await d.get_json("/health/a")
@@ -75,9 +75,9 @@ async def test_a_lease_is_released_when_its_holder_dies(start_daemon, tiny_model
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         status, granted = await lease(d, vram_mb=1000, pid=holder.pid)
-        assert status == 201 and d.driver.core.leases
+        assert status == 201 and d.runtime.core.leases
         holder.kill()
-        await d.wait_until(lambda: not d.driver.core.leases, timeout=2)  # released within 2 s
+        await d.wait_until(lambda: not d.runtime.core.leases, timeout=2)  # released within 2 s
         assert d.timeline.of("lease_ended")[0]["reason"] == "holder_died"
     finally:
         holder.kill()
@@ -112,7 +112,7 @@ async def test_a_lease_that_cannot_be_granted_in_time_gets_503_and_the_cli_exits
     status, body = await lease(d, vram_mb=20_000)
     assert status == 503 and body["error"]["code"] == "insufficient_memory"
     result = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "supervisor.cli", "lease", "--url", d.url, "--vram-mb", "20000", "--", "true",
+        sys.executable, "-m", "model_supervisor.cli", "lease", "--url", d.url, "--vram-mb", "20000", "--", "true",
         stderr=asyncio.subprocess.PIPE)  # fmt: skip
     _, stderr = await result.communicate()
     assert result.returncode == 3 and b"not granted" in stderr
@@ -137,14 +137,14 @@ async def test_cli_lease_runs_the_command_holding_the_lease_and_returns_its_exit
     script = (f"import json, sys, urllib.request as u; s = json.load(u.urlopen('{d.url}/status')); "
               f"print(json.dumps([s['leases'], s['models']['a']['state']])); sys.exit(7)")  # fmt: skip
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "supervisor.cli", "lease", "--url", d.url, "--vram-mb", "4000", "--owner", "comfy",
+        sys.executable, "-m", "model_supervisor.cli", "lease", "--url", d.url, "--vram-mb", "4000", "--owner", "comfy",
         "--", sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE)  # fmt: skip
     stdout, _ = await process.communicate()
     assert process.returncode == 7
     leases, a_state = json.loads(stdout)
     assert [(x["owner"], x["vram_mb"]) for x in leases] == [("comfy", 4000)]
     assert a_state == "unloaded"
-    assert d.driver.core.leases == {}  # released when the command exited
+    assert d.runtime.core.leases == {}  # released when the command exited
 
 
 async def test_cli_lease_forwards_signals_and_releases(start_daemon, tiny_models, tmp_path):
@@ -153,14 +153,14 @@ async def test_cli_lease_forwards_signals_and_releases(start_daemon, tiny_models
     script = (f"import signal, sys, time, pathlib; signal.signal(signal.SIGTERM, lambda *a: sys.exit(42)); "
               f"pathlib.Path('{ready}').touch(); time.sleep(60)")  # fmt: skip
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "supervisor.cli", "lease", "--url", d.url, "--vram-mb", "100", "--",
+        sys.executable, "-m", "model_supervisor.cli", "lease", "--url", d.url, "--vram-mb", "100", "--",
         sys.executable, "-c", script)  # fmt: skip
-    await d.wait_until(lambda: bool(d.driver.core.leases), timeout=30)
+    await d.wait_until(lambda: bool(d.runtime.core.leases), timeout=30)
     while not ready.exists():  # the command has installed its handler
         await asyncio.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     assert await process.wait() == 42
-    assert d.driver.core.leases == {}
+    assert d.runtime.core.leases == {}
 
 
 async def test_memory_is_learned_after_a_load_and_used_after_a_restart(start_daemon, tiny_models, tmp_path):
@@ -188,7 +188,7 @@ async def test_status_command_shows_memory_and_leases_readably(start_daemon, tin
     assert (await d.chat("b"))[0] == 200
     assert (await lease(d, vram_mb=1500))[0] == 201
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "supervisor.cli", "status", "--url", d.url, stdout=asyncio.subprocess.PIPE)
+        sys.executable, "-m", "model_supervisor.cli", "status", "--url", d.url, stdout=asyncio.subprocess.PIPE)
     stdout, _ = await process.communicate()
     text = stdout.decode()
     assert process.returncode == 0

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor.gpu import FixedProbe
+from model_supervisor.gpu import FixedProbe
 
 pytestmark = pytest.mark.llama
 

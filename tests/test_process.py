@@ -11,8 +11,8 @@ import aiohttp
 import psutil
 import pytest
 
-from supervisor import process
-from supervisor.process import LlamaServer, LoadError, LogRing, PortPool, child_environment
+from model_supervisor import process
+from model_supervisor.process import LlamaServer, LoadError, LogRing, PortPool, child_environment
 
 pytestmark = pytest.mark.llama
 
@@ -141,7 +141,7 @@ async def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path, http)
 
 
 def test_prewarm_asks_for_every_file_and_skips_missing_ones(tmp_path):
-    from supervisor.process import prewarm
+    from model_supervisor.process import prewarm
 
     shard = tmp_path / "m-00001-of-00002.gguf"
     shard.write_bytes(b"x" * 4096)

@@ -23,7 +23,7 @@ async def test_reload_keeps_unchanged_models_restarts_changed_ones_and_adds_new(
     d = await start_daemon({}, config_path=path)
     for model in ("a", "b"):
         assert (await d.chat(model))[0] == 200
-    pid_a, pid_b = d.driver.core.models["a"].pid, d.driver.core.models["b"].pid
+    pid_a, pid_b = d.runtime.core.models["a"].pid, d.runtime.core.models["b"].pid
 
     assert pid_a is not None and pid_b is not None  # both loaded side by side
     write(tmp_path / "models.toml", tiny_models,
@@ -33,17 +33,17 @@ async def test_reload_keeps_unchanged_models_restarts_changed_ones_and_adds_new(
     assert (summary["unchanged"], summary["restarting"], summary["added"]) == (["a"], ["b"], ["c"])
     await d.wait_until(lambda: d.state("b") == "unloaded")  # b was idle: restarted at once
     assert d.timeline.of("stopped", "b")[0]["cause"] == "reload"
-    assert d.driver.core.models["a"].pid == pid_a  # a kept running
+    assert d.runtime.core.models["a"].pid == pid_a  # a kept running
     assert (await d.chat("b"))[0] == 200
     _, props = await d.get_json("/upstream/b/props")
-    assert props["default_generation_settings"]["n_ctx"] == 1024 and d.driver.core.models["b"].pid != pid_b
+    assert props["default_generation_settings"]["n_ctx"] == 1024 and d.runtime.core.models["b"].pid != pid_b
     status, body, _ = await d.chat("c")
     assert status == 200 and body["model"] == "c"
 
     write(tmp_path / "models.toml", tiny_models, {"a": (1, ["-c", "512"])})
     status, summary = await d.post_json("/reload")
     assert sorted(summary["removed"]) == ["b", "c"]
-    await d.wait_until(lambda: set(d.driver.core.models) == {"a"})
+    await d.wait_until(lambda: set(d.runtime.core.models) == {"a"})
     assert len(llama_children()) == 1
     status, body, _ = await d.chat("b")
     assert status == 404
@@ -61,5 +61,5 @@ async def test_an_invalid_config_is_refused_with_the_reason_and_the_old_one_stay
     (tmp_path / "models.toml").write_text((tmp_path / "models.toml").read_text().replace(str(tiny_models[2]), "/nope.gguf"))
     status, body = await d.post_json("/reload")
     assert status == 400 and "models.z.model: file not found" in body["error"]["message"]
-    assert list(d.driver.config.models) == ["a"]
+    assert list(d.runtime.config.models) == ["a"]
     assert (await d.chat("a"))[0] == 200

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.config import parse_config
-from supervisor.scheduler import (
+from model_supervisor.config import diff_configs, parse_config
+from model_supervisor.scheduler import (
     ConfigReloaded,
     DropWaiters,
     Fallback,
@@ -32,8 +32,14 @@ from supervisor.scheduler import (
     StopCompleted,
     StopProcess,
     Tick,
+    MemorySnapshot,
     UnloadRequested,
+    Upstream,
+    available_now,
+    eta_ms,
+    model_views,
     restart_delay,
+    route,
 )
 
 
@@ -68,12 +74,13 @@ class Sim:
 
     def request(self, model: str, **flags) -> tuple[int, list]:
         self.next_id += 1
-        deadline = self.now + self.core.queue_timeout_s
+        deadline = self.now + self.core.config.daemon.queue_timeout_s
         return self.next_id, self.send(RequestArrived(self.next_id, model, self.now, deadline, **flags))
 
     def loaded(self, model: str, port: int = 6000) -> list:
         instance = self.core.models[model].instance
-        return self.send(LoadSucceeded(model, instance, port, 4242, 0.05, self.now))
+        upstream = Upstream(f"http://127.0.0.1:{port}", 4242, port)
+        return self.send(LoadSucceeded(model, instance, upstream, 0.05, self.now))
 
     def stopped(self, model: str) -> list:
         return self.send(StopCompleted(model, self.core.models[model].instance, self.now))
@@ -86,7 +93,8 @@ class Sim:
         return self.send(Tick(self.now))
 
     def measure(self, total_mb: int, used_mb: int = 0, process_mb: dict | None = None) -> list:
-        return self.send(MemoryMeasured(total_mb, used_mb, self.now, process_mb))
+        snapshot = MemorySnapshot("fixed", "test device", "vram", total_mb, used_mb, process_mb=process_mb)
+        return self.send(MemoryMeasured(snapshot, self.now))
 
     def lease(self, mb: int, priority: int = 50, owner: str = "tts", wait_s: float = 10, ttl_s: float = 60,
               pid: int | None = None) -> tuple[int, list]:
@@ -161,7 +169,7 @@ def test_without_batching_a_busy_model_drains_before_a_swap_and_takes_no_new_req
     assert actions == []  # a is busy: nothing is stopped
     ra2, actions = sim.request("a")
     assert actions == []  # a is draining for b: the new request waits its turn
-    assert not sim.core.available_now("a")
+    assert not available_now(sim.core, "a")
     assert kinds(sim.finish(ra)) == [("stop", "a", "swap")]
     assert kinds(sim.stopped("a")) == [("start", "b")]
     assert kinds(sim.loaded("b")) == [("grant", rb, "b")]
@@ -359,10 +367,10 @@ def test_drop_waiters_answers_everyone_with_503():
 def test_views_report_state_queue_and_ttl():
     sim = Sim({"a": {"ttl_s": 30, "aliases": ["fast"]}})
     sim.request("a")
-    (view,) = sim.core.views(sim.now)
+    (view,) = model_views(sim.core, sim.now)
     assert (view.state, view.queued, view.available_now, view.aliases) == ("loading", 1, False, ["fast"])
     sim.loaded("a")
-    (view,) = sim.core.views(sim.now)
+    (view,) = model_views(sim.core, sim.now)
     assert (view.state, view.in_flight, view.available_now, view.last_load_ms) == ("ready", 1, True, 50)
 
 
@@ -416,7 +424,7 @@ def test_a_busy_model_is_never_stopped_for_memory_it_drains_first():
     assert actions == []
     p2, actions = sim.request("p")
     assert actions == []  # p drains for r: it takes no new requests meanwhile
-    assert not sim.core.available_now("p")
+    assert not available_now(sim.core, "p")
     assert kinds(sim.finish(busy)) == [("stop", "p", "memory")]
     assert kinds(sim.stopped("p")) == [("start", "r")]
 
@@ -548,7 +556,7 @@ def test_a_request_that_waits_past_fallback_after_ms_goes_to_the_cloud_and_the_l
     rb, actions = sim.request("b")
     assert sim.core.next_wakeup() == pytest.approx(2.0)
     assert kinds(sim.advance(2.0)) == [("cloud", rb, "frontier", "swapping")]
-    assert sim.core.route("b", sim.now) == "cloud"
+    assert route(sim.core, "b", sim.now) == "cloud"
     # The swap it asked for still happens: a drains and stops, b loads, for the next request.
     assert kinds(sim.finish(ra)) == [("stop", "a", "swap")]
     assert kinds(sim.stopped("a")) == [("start", "b")]
@@ -564,7 +572,7 @@ def test_x_local_only_and_local_only_models_never_go_to_the_cloud():
     rb, _ = sim.request("b", local_only=True)
     rc, _ = sim.request("c")
     assert sim.advance(5) == []
-    assert sim.core.route("b", sim.now, local_only=True) == "queued"
+    assert route(sim.core, "b", sim.now, local_only=True) == "queued"
     assert kinds(sim.advance(25)) == [("reject", rb, "queue_timeout"), ("reject", rc, "queue_timeout")]
 
 
@@ -584,15 +592,15 @@ def test_gaming_mode_drains_and_stops_disallowed_models_and_sends_their_requests
     sim.loaded("small", port=6001)
     sim.finish(rs)
     assert sim.send(GamingChanged(True, sim.now)) == []  # a has a request in flight: it finishes first
-    assert not sim.core.available_now("a") and sim.core.available_now("small")
+    assert not available_now(sim.core, "a") and available_now(sim.core, "small")
     r2, actions = sim.request("a")
     assert kinds(actions) == [("cloud", r2, "frontier", "gaming_mode")]
     rp, actions = sim.request("plain")
     assert kinds(actions) == [("reject", rp, "gaming_mode")]
     assert kinds(sim.finish(busy)) == [("stop", "a", "gaming")]
     sim.stopped("a")
-    assert sim.core.route("a", sim.now) == "cloud" and sim.core.route("plain", sim.now) == "rejected"
-    assert sim.core.route("small", sim.now) == "local"
+    assert route(sim.core, "a", sim.now) == "cloud" and route(sim.core, "plain", sim.now) == "rejected"
+    assert route(sim.core, "small", sim.now) == "local"
 
 
 def test_x_force_big_loads_a_model_in_gaming_mode_which_then_stops_when_done():
@@ -614,16 +622,16 @@ def test_gaming_off_lets_models_load_again():
 
 def test_eta_comes_from_the_last_load_and_what_must_stop_first():
     sim = Sim(SWAP_PAIR, MAIN_SWAP)
-    assert sim.core.eta_ms("b", sim.now) is None  # never loaded: unknown
+    assert eta_ms(sim.core, "b", sim.now) is None  # never loaded: unknown
     sim.serve("b")  # load time 50 ms (Sim.loaded)
     ra, _ = sim.request("a")
     sim.stopped("b")
     sim.loaded("a")
     sim.finish(ra)
-    assert sim.core.eta_ms("a", sim.now) == 0
-    assert sim.core.eta_ms("b", sim.now) == 50 + 200  # its load, after stopping a
+    assert eta_ms(sim.core, "a", sim.now) == 0
+    assert eta_ms(sim.core, "b", sim.now) == 50 + 200  # its load, after stopping a
     busy, _ = sim.request("a")
-    assert sim.core.eta_ms("b", sim.now) is None  # a is busy: depends on when that finishes
+    assert eta_ms(sim.core, "b", sim.now) is None  # a is busy: depends on when that finishes
 
 
 # ---------------------------------------------------------------- swap-aware batching, residency
@@ -635,7 +643,7 @@ def test_batching_serves_what_is_queued_for_the_loaded_model_before_swapping_awa
     rb, _ = sim.request("b")  # would swap a out...
     ra2, actions = sim.request("a")  # ...but a is loaded: this one goes first, no swap needed for it
     assert kinds(actions) == [("grant", ra2, "a")]
-    assert sim.core.available_now("a")
+    assert available_now(sim.core, "a")
     sim.finish(busy)
     assert kinds(sim.finish(ra2)) == [("stop", "a", "swap")]  # nothing left for a: now b gets its turn
     assert kinds(sim.stopped("a")) == [("start", "b")]
@@ -652,7 +660,7 @@ def test_batching_is_bounded_so_a_waiting_swap_is_not_starved():
     assert kinds(actions) == [("grant", r_early, "a")]
     sim.advance(0.1)  # b has now waited max_batch_wait_s: it competes by arrival and comes first
     r_late, actions = sim.request("a")
-    assert actions == [] and not sim.core.available_now("a")
+    assert actions == [] and not available_now(sim.core, "a")
     sim.finish(busy)
     assert kinds(sim.finish(r_early)) == [("stop", "a", "swap")]
     assert kinds(sim.stopped("a")) == [("start", "b")]
@@ -686,7 +694,7 @@ def test_the_next_model_is_read_ahead_once_while_the_one_in_its_way_drains():
 def reloaded(sim: Sim, models: dict, groups: dict | None = None, needs: dict | None = None) -> list:
     config = parse_config({"groups": groups or {},
                            "models": {name: {"model": f"/m/{name}.gguf", **spec} for name, spec in models.items()}})
-    return sim.send(ConfigReloaded(config, needs or {}, sim.now))
+    return sim.send(ConfigReloaded(config, diff_configs(sim.core.config, config), needs or {}, sim.now))
 
 
 def test_reload_keeps_unchanged_models_and_applies_settings_in_place():

@@ -6,8 +6,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from supervisor.config import parse_config
-from supervisor.scheduler import (
+from model_supervisor.config import diff_configs, parse_config
+from model_supervisor.scheduler import (
     RESIDENT,
     Fallback,
     ConfigReloaded,
@@ -31,7 +31,9 @@ from supervisor.scheduler import (
     StopCompleted,
     StopProcess,
     Tick,
+    MemorySnapshot,
     UnloadRequested,
+    Upstream,
 )
 
 MODELS = ["a", "b", "c", "e"]
@@ -65,7 +67,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.core = SchedulerCore(CONFIG, {"a": 5000, "b": 5000, "c": 3000, "e": 2000})
-        self.core.handle(MemoryMeasured(total_mb=11_000, used_mb=0, now=0.0))  # reserve 1024: 9976 usable
+        reading = MemorySnapshot("fixed", "test device", "vram", total_mb=11_000, used_mb=0)
+        self.core.handle(MemoryMeasured(reading, now=0.0))  # reserve 1024: 9976 usable
         self.leases: set[int] = set()
         self.orphaned: set[int] = set()
         self.now = 0.0
@@ -115,7 +118,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule(config=st.sampled_from(RELOADS))
     def reload(self, config):
-        self.apply(ConfigReloaded(config, {}, self.now))
+        self.apply(ConfigReloaded(config, diff_configs(self.core.config, config), {}, self.now))
 
     @rule(model=st.sampled_from(MODELS), local_only=st.booleans(), force=st.booleans())
     def request(self, model, local_only, force):
@@ -162,7 +165,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         model = data.draw(st.sampled_from(sorted(self.starting)))
         instance = self.starting.pop(model)
         if ok:
-            self.apply(LoadSucceeded(model, instance, 7000, 1, 0.1, self.now))
+            self.apply(LoadSucceeded(model, instance, Upstream("http://127.0.0.1:7000", 1, 7000), 0.1, self.now))
         else:
             self.apply(LoadFailed(model, instance, "boom", self.now))
 
@@ -229,7 +232,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             if self.starting:
                 model, instance = next(iter(self.starting.items()))
                 del self.starting[model]
-                self.apply(LoadSucceeded(model, instance, 7000, 1, 0.1, self.now))
+                self.apply(LoadSucceeded(model, instance, Upstream("http://127.0.0.1:7000", 1, 7000), 0.1, self.now))
             elif self.stopping:
                 model, instance = next(iter(self.stopping.items()))
                 del self.stopping[model]

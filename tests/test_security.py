@@ -54,7 +54,7 @@ api_key_env = "FRONTIER_KEY"
     log_path = tmp_path / "daemon.log"
     with open(log_path, "w") as log:
         daemon = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "supervisor.cli", "run", "--config", str(config), "--log-level", "debug",
+            sys.executable, "-m", "model_supervisor.cli", "run", "--config", str(config), "--log-level", "debug",
             env={**os.environ, **SECRETS}, stdout=log, stderr=log)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     seen: list[str] = []  # every answer body and header the daemon gave

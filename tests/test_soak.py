@@ -53,7 +53,7 @@ swap = true
 {models}
 """)
     log = open(tmp_path / "daemon.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--config", str(config)],
+    process = subprocess.Popen([sys.executable, "-m", "model_supervisor.cli", "run", "--config", str(config)],
                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     daemon = psutil.Process(process.pid)
     url = f"http://127.0.0.1:{port}"

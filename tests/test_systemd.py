@@ -25,8 +25,8 @@ from conftest import llama_children
 import structlog
 import structlog.testing
 
-from supervisor.process import child_environment
-from supervisor.systemd import Notifier, StatusReporter, describe
+from model_supervisor.process import child_environment
+from model_supervisor.systemd import Notifier, StatusReporter, describe
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "units" / "model-supervisor.service"
@@ -211,7 +211,7 @@ def test_daemon_speaks_the_notify_protocol(tmp_path, tiny_models, llama_server_b
     env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": str(int(watchdog_s * 1e6)),
            "MODEL_SUPERVISOR_DAEMON__STATE_DIR": str(tmp_path / "state")}  # fmt: skip
     env.pop("WATCHDOG_PID", None)
-    daemon = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--config", str(config)], env=env,
+    daemon = subprocess.Popen([sys.executable, "-m", "model_supervisor.cli", "run", "--config", str(config)], env=env,
                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         # READY=1 only once the HTTP server is up: /health answers at the first try when it arrives.
@@ -347,7 +347,7 @@ def test_sighup_reloads_the_config_and_says_so_to_systemd(tmp_path, tiny_models,
     port = free_port()
     config = write_config(tmp_path / "models.toml", {tiny_models[1]: "chat"}, port, llama_server_bin)
     env = {**os.environ, "NOTIFY_SOCKET": sock_path}
-    daemon = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--config", str(config)],
+    daemon = subprocess.Popen([sys.executable, "-m", "model_supervisor.cli", "run", "--config", str(config)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         wait_http(f"http://127.0.0.1:{port}/health", daemon)

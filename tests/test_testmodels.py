@@ -10,7 +10,7 @@ import urllib.request
 import gguf
 import pytest
 
-from supervisor.testmodels import MIB, main, write_test_model
+from model_supervisor.testmodels import MIB, main, write_test_model
 
 
 def field(reader: gguf.GGUFReader, key: str):

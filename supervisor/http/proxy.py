@@ -16,12 +16,11 @@ import structlog
 from aiohttp import web
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from .config import Config
-from .driver import Driver, Rejected, Ticket
-from .fallback import CloudClient
-from .process import HOST
-from .records import RequestObserver, RequestRecord, ResponseTail
-from .responses import NOT_FORWARDED_UP, ApiError, error_response, read_body, stream_through
+from ..config import Config
+from ..records import RequestObserver, RequestRecord, ResponseTail
+from ..runtime import Runtime, Ticket
+from .cloud import CloudClient
+from .errors import NOT_FORWARDED_UP, ApiError, error_response, read_body, stream_through
 
 log = structlog.get_logger("supervisor.proxy")
 
@@ -41,25 +40,21 @@ def flag_header(request: web.Request, name: str) -> bool:
     raise ApiError(400, "invalid_header", f"header {name} must be true or false")
 
 
-def rejection_response(rejected: Rejected) -> web.Response:
-    return error_response(rejected.status, rejected.code, rejected.message, rejected.retry_after_s)
-
-
 def unknown_model_error(config: Config, name: str) -> ApiError:
     known = ", ".join(sorted(config.models)) or "none"
     return ApiError(404, "model_not_found", f"model {name!r} does not exist (models: {known})")
 
 
 class Proxy:
-    def __init__(self, driver: Driver, http: aiohttp.ClientSession, cloud: CloudClient):
-        self.driver = driver
+    def __init__(self, runtime: Runtime, http: aiohttp.ClientSession, cloud: CloudClient):
+        self.runtime = runtime
         self.http = http
         self.cloud = cloud
         self.observers: list[RequestObserver] = []  # told about every request that named a model
 
     @property
     def config(self) -> Config:
-        return self.driver.config  # the live config: a reload replaces it
+        return self.runtime.config  # the live config: a reload replaces it
 
     async def openai(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
@@ -67,12 +62,12 @@ class Proxy:
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return error_response(400, "invalid_json", f"request body is not valid JSON: {exc}")
+            raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
         if not isinstance(payload, dict):
-            return error_response(400, "invalid_request", "request body must be a JSON object")
+            raise ApiError(400, "invalid_request", "request body must be a JSON object")
         name = payload.get("model")
         if not isinstance(name, str) or not name:
-            return error_response(400, "missing_model", "request body needs a string 'model' naming a model or alias")
+            raise ApiError(400, "missing_model", "request body needs a string 'model' naming a model or alias")
         local_only, force = flag_header(request, "X-Local-Only"), flag_header(request, "X-Force-Big")
         model = self.config.resolve(name)
         if model is None:
@@ -80,7 +75,7 @@ class Proxy:
                 report = _Report(self, request, name, name)
                 return await report.cloud(self.cloud.forward(request, body, name, None, "requested", report.tail),
                                           name, "requested")  # fmt: skip
-            return self.unknown_model(name)
+            raise unknown_model_error(self.config, name)
         return await self._serve(request, name, model, request.path, body, local_only, force)
 
     async def upstream(self, request: web.Request) -> web.StreamResponse:
@@ -88,32 +83,28 @@ class Proxy:
         name = request.match_info["model"]
         model = self.config.resolve(name)
         if model is None:
-            return self.unknown_model(name)
+            raise unknown_model_error(self.config, name)
         body = await read_body(request, self.config.daemon.body_timeout_s)
         # Raw paths mean nothing to a cloud target: this route is local only.
         force = flag_header(request, "X-Force-Big")
         return await self._serve(request, name, model, "/" + request.match_info["path"], body, True, force)
 
-    def unknown_model(self, name: str) -> web.Response:
-        error = unknown_model_error(self.config, name)
-        return error_response(error.status, error.code, error.message)
-
     async def _serve(self, request: web.Request, requested: str, model: str, path: str, body: bytes,
                      local_only: bool, force: bool) -> web.StreamResponse:
         report = _Report(self, request, requested, model)
         try:
-            ticket = await self.driver.acquire(model, local_only=local_only, force=force)
-        except Rejected as rejected:
-            report.done("rejected", "local", rejected.status, None)
-            return rejection_response(rejected)
+            ticket = await self.runtime.acquire(model, local_only=local_only, force=force)
+        except ApiError as refused:
+            report.done("rejected", "local", refused.status, None)
+            raise
         except asyncio.CancelledError:
             report.done("rejected", "local", 499, None)
             raise
         report.waited()
-        if ticket.target is not None:
-            reason = ticket.reason or "unavailable"
-            forwarding = self.cloud.forward(request, body, ticket.target, model, reason, report.tail)
-            return await report.cloud(forwarding, ticket.target, reason)
+        if ticket.upstream is None:
+            reason, target = ticket.reason or "unavailable", ticket.target or ""
+            forwarding = self.cloud.forward(request, body, target, model, reason, report.tail)
+            return await report.cloud(forwarding, target, reason)
         try:
             response = await self._forward(request, ticket, path, body, report.tail)
             report.done("local", "local", response.status, None)
@@ -122,11 +113,12 @@ class Proxy:
             report.done("local", "local", 499, None)
             raise
         finally:
-            self.driver.release(ticket)
+            self.runtime.release(ticket)
 
     async def _forward(self, request: web.Request, ticket: Ticket, path: str, body: bytes,
                        tail: ResponseTail) -> web.StreamResponse:
-        url = f"http://{HOST}:{ticket.port}{path}"
+        assert ticket.upstream is not None
+        url = ticket.upstream.base_url + path
         headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED_UP}
         try:
             # llama-server may close a pooled keep-alive connection after a stream: a request that fails on such a
@@ -139,7 +131,7 @@ class Proxy:
                         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
                     )
         except (aiohttp.ClientError, OSError) as exc:
-            return error_response(502, "upstream_unreachable", f"model {ticket.model!r} did not answer: {exc}")
+            return error_response(ApiError(502, "upstream_unreachable", f"model {ticket.model!r} did not answer: {exc}"))
         return await stream_through(request, upstream, {"X-Served-By": "local"}, label=f"model {ticket.model!r}",
                                     tail=tail)
 

@@ -1,8 +1,10 @@
 """What runs, what loads and who waits: the pure decision core.
 
 ``SchedulerCore.handle(event) -> [actions]`` is the only way model state changes. It does no I/O and reads no
-clock (every event carries ``now``), so it is tested with plain values. The driver (``driver.py``) feeds it
-events from HTTP handlers and process effects, and carries out the actions it returns.
+clock (every event carries ``now``), so it is tested with plain values. The runtime (``runtime.py``) feeds it
+events from HTTP handlers and effects, and carries out the actions it returns. What /status shows is derived in
+``views.py``; ranking, backoff and the small rules in ``policy.py``; group and memory placement in
+``placement.py``.
 
 Rules (see docs/architecture.md):
 - A waiting request is served in rank order: model priority first, then arrival. With batching on, requests for a
@@ -14,7 +16,7 @@ Rules (see docs/architecture.md):
 - A waiting request gives up at its deadline with 503; a failed load answers its waiters at once with the cause.
 - An idle model unloads ``ttl_s`` after its last request finished; 0 means never.
 - Memory: a load or a lease is placed only if it fits the budget (total - reserve - foreign) next to what is
-  resident and leased; otherwise models are stopped to make room (memory.eviction_order), never one with requests
+  resident and leased; otherwise models are stopped to make room (placement.eviction_order), never one with requests
   in flight (it drains first), never a persistent group's member for another group. A lease displaces only models
   of lower priority than its own. Leases wait in the same ranked queue as requests.
 - Cloud fallback: a request whose model has a ``fallback`` (and is not local-only, nor asked to stay local) waits
@@ -26,371 +28,29 @@ Rules (see docs/architecture.md):
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Literal
-
-from tenacity import wait_exponential
-
-from .config import Config, GroupConfig, ModelConfig
-from .memory import Budget, Candidate, choose_victims, foreign_usage
-
-
-class Phase(enum.StrEnum):
-    UNLOADED = "unloaded"
-    LOADING = "loading"
-    READY = "ready"
-    UNLOADING = "unloading"
-    FAILED = "failed"
-
-
-RESIDENT = (Phase.LOADING, Phase.READY, Phase.UNLOADING)
-ORPHANED = -1  # the instance of a request whose child crashed under it
-
-# Why a model was stopped; used in logs and (later) metrics.
-StopCause = Literal["swap", "ttl", "admin", "shutdown", "crash", "memory", "lease", "gaming", "reload"]
-Route = Literal["local", "queued", "cloud", "rejected"]
-WaiterKind = Literal["request", "load", "lease"]
-
-
-# ---------------------------------------------------------------- events
-
-
-@dataclass(frozen=True)
-class RequestArrived:
-    request_id: int
-    model: str
-    now: float
-    deadline: float
-    kind: WaiterKind = "request"
-    local_only: bool = False  # X-Local-Only: never the cloud
-    force: bool = False  # X-Force-Big: may load in gaming mode
-
-
-@dataclass(frozen=True)
-class RequestCancelled:
-    """A waiting request's client went away before it was granted."""
-
-    request_id: int
-    now: float
-
-
-@dataclass(frozen=True)
-class RequestFinished:
-    """A granted request is done (answered, failed, or its client went away)."""
-
-    request_id: int
-    now: float
-
-
-@dataclass(frozen=True)
-class LoadSucceeded:
-    model: str
-    instance: int
-    port: int
-    pid: int
-    load_s: float
-    now: float
-
-
-@dataclass(frozen=True)
-class LoadFailed:
-    model: str
-    instance: int
-    error: str
-    now: float
-
-
-@dataclass(frozen=True)
-class ProcessExited:
-    """A ready child exited without being asked to."""
-
-    model: str
-    instance: int
-    error: str
-    now: float
-
-
-@dataclass(frozen=True)
-class StopCompleted:
-    model: str
-    instance: int
-    now: float
-
-
-@dataclass(frozen=True)
-class UnloadRequested:
-    """Unload one model (or all with model=None). force: stop even with requests in flight."""
-
-    model: str | None
-    now: float
-    force: bool = False
-    cause: StopCause = "admin"
-
-
-@dataclass(frozen=True)
-class DropWaiters:
-    """Answer every waiting request with 503 (stop-all, shutdown)."""
-
-    reason: str
-    now: float
-
-
-@dataclass(frozen=True)
-class LeaseRequested:
-    """Memory for a job that is not a model (TTS, image generation). Waits in the queue like a request."""
-
-    lease_id: int
-    owner: str
-    mb: int
-    priority: int
-    pid: int | None
-    ttl_s: float
-    now: float
-    deadline: float
-
-
-@dataclass(frozen=True)
-class LeaseRenewed:
-    lease_id: int
-    now: float
-
-
-@dataclass(frozen=True)
-class LeaseReleased:
-    lease_id: int
-    now: float
-    reason: Literal["released", "expired", "holder_died"] = "released"
-
-
-@dataclass(frozen=True)
-class MemoryMeasured:
-    """A probe reading of the budgeted pool; process_mb is per-pid use where the backend reports it."""
-
-    total_mb: int
-    used_mb: int
-    now: float
-    process_mb: dict[int, int] | None = None
-
-
-@dataclass(frozen=True)
-class NeedLearned:
-    """What a model was measured to hold once loaded; used for its next placement."""
-
-    model: str
-    mb: int
-    now: float
-
-
-@dataclass(frozen=True)
-class GamingChanged:
-    enabled: bool
-    now: float
-
-
-@dataclass(frozen=True)
-class ConfigReloaded:
-    """A new, valid config. needs_mb: the memory need of models that are new or whose file or args changed."""
-
-    config: Config
-    needs_mb: dict[str, int]
-    now: float
-
-
-@dataclass(frozen=True)
-class Tick:
-    now: float
-
-
-Event = (
-    RequestArrived
-    | RequestCancelled
-    | RequestFinished
-    | LoadSucceeded
-    | LoadFailed
-    | ProcessExited
-    | StopCompleted
-    | UnloadRequested
-    | DropWaiters
-    | LeaseRequested
-    | LeaseRenewed
-    | LeaseReleased
-    | MemoryMeasured
-    | NeedLearned
-    | GamingChanged
-    | ConfigReloaded
-    | Tick
-)
-
-
-# ---------------------------------------------------------------- actions
-
-
-@dataclass(frozen=True)
-class StartProcess:
-    model: str
-    instance: int
-    # Models stopped to make room for this one, and since when it waited for them (for the swap log line).
-    displaced: tuple[str, ...] = ()
-    swap_started: float | None = None
-    cause: str = "request"  # "request", or "admin" for an explicit load
-
-
-@dataclass(frozen=True)
-class StopProcess:
-    model: str
-    instance: int
-    cause: StopCause
-
-
-@dataclass(frozen=True)
-class Grant:
-    request_id: int
-    model: str
-    port: int
-
-
-@dataclass(frozen=True)
-class Reject:
-    request_id: int
-    model: str
-    status: int
-    code: str
-    message: str
-    retry_after_s: int
-
-
-@dataclass(frozen=True)
-class Prewarm:
-    """Read the model's file ahead into the page cache: it loads next, once what is in its way is gone."""
-
-    model: str
-
-
-@dataclass(frozen=True)
-class Fallback:
-    """Send this request to a cloud target instead; reason says why the local model could not serve it."""
-
-    request_id: int
-    model: str
-    target: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class GrantLease:
-    lease_id: int
-    mb: int
-    expires_at: float
-
-
-@dataclass(frozen=True)
-class LeaseEnded:
-    lease_id: int
-    owner: str
-    reason: str
-
-
-Action = StartProcess | StopProcess | Grant | Reject | Fallback | Prewarm | GrantLease | LeaseEnded
-
-
-# ---------------------------------------------------------------- state
-
-
-@dataclass
-class ModelState:
-    name: str
-    config: ModelConfig
-    group: GroupConfig
-    phase: Phase = Phase.UNLOADED
-    instance: int = 0  # bumped per start; events from an older instance are stale and ignored
-    port: int | None = None
-    pid: int | None = None
-    in_flight: int = 0
-    last_used: float = 0.0
-    load_started: float | None = None
-    last_load_s: float | None = None
-    last_error: str | None = None
-    failures: int = 0
-    retry_at: float = 0.0
-    unload_requested: bool = False
-    unload_cause: StopCause = "admin"
-    retiring: bool = False  # removed from the config: goes once it drains
-    displaced: tuple[str, ...] = ()
-    swap_started: float | None = None
-    need_mb: int = 0  # what it holds once loaded: config vram_mb, else estimate, else learned
-    ready_since: float = 0.0
-    prewarmed: bool = False  # asked for a read-ahead while waiting for this start
-
-
-@dataclass
-class Waiter:
-    request_id: int
-    model: str  # "" for a lease
-    arrived: float
-    deadline: float
-    kind: WaiterKind
-    seq: int
-    priority: int
-    lease: LeaseRequested | None = None
-    fallback_at: float | None = None  # when it goes to the cloud if still waiting; None: never
-    force: bool = False
-    detached: bool = False  # answered from the cloud; stays only to keep its claim on the model
-
-
-@dataclass
-class Lease:
-    lease_id: int
-    owner: str
-    mb: int
-    priority: int
-    pid: int | None
-    ttl_s: float
-    granted_at: float
-    expires_at: float
-
-
-@dataclass
-class ModelView:
-    """What /status shows of one model."""
-
-    name: str
-    state: str
-    group: str
-    pid: int | None
-    port: int | None
-    in_flight: int
-    queued: int
-    ttl_s: float
-    ttl_remaining_s: float | None
-    last_load_ms: int | None
-    available_now: bool
-    last_error: str | None
-    aliases: list[str] = field(default_factory=list)
-    need_mb: int = 0
-    eta_ms: int | None = None
-    route: Route = "queued"
-
-
-# What stopping a model takes, for ETAs (SIGTERM to exit is milliseconds for llama-server).
-STOP_ESTIMATE_S = 0.2
-
-# Backoff before a failed model is started again: 0.5 s, 1 s, 2 s ... capped at 30 s.
-RESTART_BACKOFF = wait_exponential(multiplier=0.5, max=30)
-
-
-def restart_delay(failures: int) -> float:
-    return float(RESTART_BACKOFF(SimpleNamespace(attempt_number=max(1, failures))))
+from typing import Any
+
+from ..config import Config
+from .events import (
+    MemorySnapshot,
+    Action, ConfigReloaded, DropWaiters, Event, Fallback, GamingChanged, Grant, GrantLease, LeaseEnded,
+    LeaseReleased, LeaseRenewed, LeaseRequested, LoadFailed, LoadSucceeded, MemoryMeasured, NeedLearned, Prewarm,
+    ProcessExited, Reject, RequestArrived, RequestCancelled, RequestFinished, StartProcess, StopCause,
+    StopCompleted, StopProcess, Tick, UnloadRequested,
+)  # fmt: skip
+from .placement import Budget, Candidate, Placement, choose_victims, displaces, foreign_usage
+from .policy import (
+    fallback_reason, goes_first_in_batch, kept_out_by_gaming, may_fall_back, rank, restart_delay, retry_after_s,
+    ttl_expiry,
+)  # fmt: skip
+from .state import ORPHANED, RESIDENT, Lease, ModelState, Phase, Waiter
+
+Rank = tuple[Any, ...]
 
 
 class SchedulerCore:
     def __init__(self, config: Config, needs_mb: dict[str, int] | None = None):
-        self.queue_timeout_s = config.daemon.queue_timeout_s
-        self.batching = config.scheduler.batching
-        self.max_batch_wait_s = config.scheduler.max_batch_wait_s
-        self.min_residency_s = config.scheduler.min_residency_s
-        self.reserve_mb = config.gpu.reserve_mb
+        self.config = config  # as the last ConfigReloaded gave it; settings are read from here, never copied
         self.models: dict[str, ModelState] = {
             name: ModelState(name=name, config=model, group=config.group_of(name), need_mb=(needs_mb or {}).get(name, 0))
             for name, model in config.models.items()
@@ -398,11 +58,12 @@ class SchedulerCore:
         self.waiters: dict[int, Waiter] = {}
         self.granted: dict[int, tuple[str, int]] = {}  # request id -> (model, instance), while in flight
         self.leases: dict[int, Lease] = {}
+        self.memory: MemorySnapshot | None = None  # the last probe reading
         self.budget: Budget | None = None  # None until the first measurement: nothing is limited by memory
         # Models a queued placement needs gone (they drain), with the rank of the waiter that needs it: a request
         # ranked before that waiter may still be served.
-        self._doomed: dict[str, tuple] = {}
-        self._short_of_memory: set[str] = set()  # models whose placement waits for memory
+        self.doomed: dict[str, Rank] = {}
+        self.short_of_memory: set[str] = set()  # models whose placement waits for memory
         self.gaming = False
         self._seq = 0
 
@@ -418,7 +79,7 @@ class SchedulerCore:
             case RequestArrived():
                 state = self.models[event.model]
                 fallback_at = None
-                if event.kind == "request" and self._may_fall_back(state, event.local_only):
+                if event.kind == "request" and may_fall_back(state.config, event.local_only):
                     fallback_at = event.now + state.config.fallback_after_ms / 1000
                 self._enqueue(Waiter(event.request_id, event.model, event.now, event.deadline, event.kind, 0,
                                      state.config.priority, fallback_at=fallback_at, force=event.force))
@@ -437,7 +98,7 @@ class SchedulerCore:
                 state = self._current(event.model, event.instance)
                 if state is not None and state.phase is Phase.LOADING:
                     state.phase = Phase.READY
-                    state.port, state.pid = event.port, event.pid
+                    state.upstream = event.upstream
                     state.last_load_s = event.load_s
                     state.last_used = state.ready_since = event.now
                     state.failures = 0
@@ -450,7 +111,7 @@ class SchedulerCore:
                 state = self._current(event.model, event.instance)
                 if state is not None and state.phase is not Phase.FAILED:
                     state.phase = Phase.UNLOADED
-                    state.port = state.pid = None
+                    state.upstream = None
                     state.unload_requested = False
                     self._write_off_requests(state)  # only a forced stop leaves any
                     if state.retiring:
@@ -471,7 +132,8 @@ class SchedulerCore:
                 elif event.lease_id in self.waiters:  # withdrawn while queued
                     del self.waiters[event.lease_id]
             case MemoryMeasured():
-                self.budget = self._measure(event)
+                self.memory = event.snapshot
+                self.budget = self._measure(event.snapshot)
             case NeedLearned() if event.model in self.models:
                 self.models[event.model].need_mb = event.mb
             case GamingChanged():
@@ -490,67 +152,21 @@ class SchedulerCore:
         times = [w.deadline for w in self.waiters.values()]
         times += [w.fallback_at for w in self.waiters.values() if w.fallback_at is not None and not w.detached]
         times += [lease.expires_at for lease in self.leases.values()]
-        if self.batching:  # when a waiter becomes overdue, the ranking changes
-            times += [w.arrived + self.max_batch_wait_s for w in self.waiters.values()
+        scheduler = self.config.scheduler
+        if scheduler.batching:  # when a waiter becomes overdue, the ranking changes
+            times += [w.arrived + scheduler.max_batch_wait_s for w in self.waiters.values()
                       if w.kind == "request" and self.models[w.model].phase is not Phase.READY]
-        if self.min_residency_s:
-            times += [s.ready_since + self.min_residency_s for s in self.models.values()
-                      if s.phase is Phase.READY and s.name in self._doomed]
+        if scheduler.min_residency_s:
+            times += [s.ready_since + scheduler.min_residency_s for s in self.models.values()
+                      if s.phase is Phase.READY and s.name in self.doomed]
         wanted = {w.model for w in self.waiters.values()}
         for state in self.models.values():
-            expiry = self._ttl_expiry(state)
+            expiry = ttl_expiry(state)
             if expiry is not None:
                 times.append(expiry)
             if state.phase is Phase.FAILED and state.name in wanted:
                 times.append(state.retry_at)
         return min(times, default=None)
-
-    def available_now(self, model: str) -> bool:
-        """Would a request for this model arriving now be granted at once?"""
-        state = self.models[model]
-        if state.phase is not Phase.READY or state.unload_requested or self._kept_out_by_gaming(state, force=False):
-            return False
-        doomer = self._doomed.get(model)
-        if doomer is None:
-            return True
-        # A new request ranks after every waiter of its class and priority; served if that is before the doomer.
-        return (-state.config.priority, 0 if self.batching else 1, float("inf")) < doomer
-
-    def eta_ms(self, model: str, now: float) -> int | None:
-        """Roughly how long until a request for this model could be served locally; None when unknown."""
-        state = self.models[model]
-        if self.available_now(model):
-            return 0
-        if self._kept_out_by_gaming(state, force=False) or state.last_load_s is None:
-            return None
-        if state.phase is Phase.LOADING and state.load_started is not None:
-            return round(max(0.0, state.last_load_s - (now - state.load_started)) * 1000)
-        seconds = state.last_load_s
-        if state.phase is Phase.FAILED:
-            seconds += max(0.0, state.retry_at - now)
-        in_the_way = [o for o in self._resident() if self._displaces(state, o)]
-        if any(o.in_flight for o in in_the_way) or model in self._short_of_memory:
-            return None  # depends on when other requests finish or memory frees
-        seconds += STOP_ESTIMATE_S * (len(in_the_way) + (state.phase is Phase.UNLOADING))
-        return round(seconds * 1000)
-
-    def route(self, model: str, now: float, local_only: bool = False) -> Route:
-        """What a request for this model arriving now would get."""
-        state = self.models[model]
-        if self.available_now(model):
-            return "local"
-        fallback = self._may_fall_back(state, local_only)
-        never_soon = (
-            self._kept_out_by_gaming(state, force=False)
-            or (state.phase is Phase.FAILED and state.retry_at - now >= self.queue_timeout_s)
-            or (self.budget is not None and state.need_mb > self.budget.usable_mb)
-        )
-        if never_soon:
-            return "cloud" if fallback else "rejected"
-        eta = self.eta_ms(model, now)
-        if fallback and (eta is None or eta > state.config.fallback_after_ms):
-            return "cloud"
-        return "queued"
 
     def committed_mb(self) -> tuple[int, int]:
         """(held by resident models, held by granted leases)."""
@@ -561,36 +177,6 @@ class SchedulerCore:
         if self.budget is None:
             return None
         return self.budget.usable_mb - sum(self.committed_mb())
-
-    def views(self, now: float) -> list[ModelView]:
-        queued: dict[str, int] = {}
-        for waiter in self.waiters.values():
-            if waiter.kind == "request" and not waiter.detached:
-                queued[waiter.model] = queued.get(waiter.model, 0) + 1
-        views = []
-        for state in self.models.values():
-            expiry = self._ttl_expiry(state)
-            views.append(
-                ModelView(
-                    name=state.name,
-                    state=state.phase.value,
-                    group=state.config.group,
-                    pid=state.pid,
-                    port=state.port,
-                    in_flight=state.in_flight,
-                    queued=queued.get(state.name, 0),
-                    ttl_s=state.config.ttl_s,
-                    ttl_remaining_s=None if expiry is None else round(max(0.0, expiry - now), 3),
-                    last_load_ms=None if state.last_load_s is None else round(state.last_load_s * 1000),
-                    available_now=self.available_now(state.name),
-                    last_error=state.last_error,
-                    aliases=list(state.config.aliases),
-                    need_mb=state.need_mb,
-                    eta_ms=self.eta_ms(state.name, now),
-                    route=self.route(state.name, now),
-                )
-            )
-        return views
 
     # ------------------------------------------------------------ decisions
 
@@ -608,8 +194,8 @@ class SchedulerCore:
         # waiter may not displace them). `doomed`: models a higher-ranked placement needs gone (they drain: no new
         # requests). Once a placement waits for memory, lower-ranked ones may not take memory before it.
         claimed: list[str] = []
-        doomed: dict[str, tuple] = {}
-        self._short_of_memory = set()
+        doomed: dict[str, Rank] = {}
+        self.short_of_memory = set()
         memory_blocked = False
         for waiter in self._ranked(now):
             if waiter.request_id not in self.waiters:
@@ -617,15 +203,16 @@ class SchedulerCore:
             if waiter.kind == "lease":
                 if memory_blocked:
                     continue
-                outcome = self._place(None, waiter, claimed, doomed, now, actions)
-                memory_blocked = outcome == "wait"
+                placement = self._place(None, waiter, claimed, doomed, now)
+                actions += placement.actions
+                memory_blocked = placement.outcome == "wait"
                 continue
             state = self.models[waiter.model]
             if waiter.detached and state.phase in (Phase.LOADING, Phase.READY):
                 del self.waiters[waiter.request_id]  # what it kept its place for happened meanwhile
                 continue
             servable = state.phase is Phase.READY and not state.unload_requested and waiter.model not in doomed
-            if servable and not self._kept_out_by_gaming(state, waiter.force):
+            if servable and not kept_out_by_gaming(self.gaming, state.config, waiter.force):
                 if waiter.model not in claimed:
                     claimed.append(waiter.model)
                 actions.append(self._grant(waiter, state))
@@ -633,7 +220,7 @@ class SchedulerCore:
             if waiter.fallback_at is not None and not waiter.detached and now >= waiter.fallback_at:
                 actions.append(self._fall_back(waiter, state, doomed))
             # A place kept after a cloud answer forces nothing: X-Force-Big was for the request itself.
-            if self._kept_out_by_gaming(state, waiter.force and not waiter.detached):
+            if kept_out_by_gaming(self.gaming, state.config, waiter.force and not waiter.detached):
                 message = (f"model {state.name!r} is not allowed in gaming mode (allow_in_gaming = false); "
                            "send X-Force-Big: true to load it anyway")  # fmt: skip
                 actions += self._give_up(waiter, 503, "gaming_mode", message, retry_after_s=30)
@@ -650,25 +237,29 @@ class SchedulerCore:
                 if waiter.deadline <= state.retry_at:
                     # It would time out before the next attempt: tell the client why now, not in 30 s.
                     message = f"model {state.name!r} failed: {state.last_error}; next start in {state.retry_at - now:.1f} s"
-                    actions += self._give_up(waiter, 503, "model_failed", message, self._retry_after(state))
+                    actions += self._give_up(waiter, 503, "model_failed", message, retry_after_s(state))
                 continue
             if memory_blocked:
-                self._short_of_memory.add(state.name)
+                self.short_of_memory.add(state.name)
                 continue
-            memory_blocked = self._place(state, waiter, claimed, doomed, now, actions) == "wait"
+            placement = self._place(state, waiter, claimed, doomed, now)
+            actions += placement.actions
+            memory_blocked = placement.outcome == "wait"
             if memory_blocked:
-                self._short_of_memory.add(state.name)
+                self.short_of_memory.add(state.name)
 
-        self._doomed = doomed
+        self.doomed = doomed
         actions += self._expire_idle(now)
         return actions
 
-    def _place(self, state: ModelState | None, waiter: Waiter, claimed: list[str], doomed: dict[str, tuple], now: float,
-               actions: list[Action]) -> Literal["placed", "wait", "waiting_for_group", "rejected"]:
+    def _place(self, state: ModelState | None, waiter: Waiter, claimed: list[str], doomed: dict[str, Rank],
+               now: float) -> Placement:
         """Make room for a model load (state) or a lease (state None), and place it once there is room."""
+        placement = Placement("placed")
+        actions = placement.actions
         lease = waiter.lease
         need = state.need_mb if state is not None else lease.mb  # type: ignore[union-attr]
-        group_victims = [] if state is None else [o for o in self._resident() if self._displaces(state, o)]
+        group_victims = [] if state is None else [o for o in self._resident() if displaces(state, o)]
         memory_victims: list[ModelState] = []
         if self.budget is not None:
             if need > self.budget.usable_mb:
@@ -680,21 +271,23 @@ class SchedulerCore:
                     actions.append(self._reject(waiter, 503, "insufficient_memory", message, retry_after_s=10))
                 else:
                     actions += self._give_up(waiter, 503, "insufficient_memory", message, retry_after_s=10)
-                return "rejected"
+                placement.outcome = "rejected"
+                return placement
             # What is already on its way out (unloading, or displaced by the group rules) will be free soon.
             leaving = {o.name: o.need_mb for o in self._resident() if o.phase is Phase.UNLOADING or o in group_victims}
             deficit = need - (self.free_mb() or 0) - sum(leaving.values())
             if deficit > 0:
                 chosen = choose_victims(deficit, self._candidates(state, waiter, claimed, group_victims))
                 if chosen is None:
-                    return "wait"  # nothing we may stop frees enough: wait for leases, drains or other programs
+                    placement.outcome = "wait"  # nothing we may stop frees enough: wait for leases, drains or others
+                    return placement
                 memory_victims = [self.models[c.name] for c in chosen]
         victims = group_victims + memory_victims
-        rank = self._rank_key(waiter, now)
+        waiter_rank = self._rank_key(waiter, now)
         for victim in victims:
-            doomed.setdefault(victim.name, rank)
+            doomed.setdefault(victim.name, waiter_rank)
             resident_for = now - victim.ready_since
-            if victim.phase is Phase.READY and resident_for < self.min_residency_s:
+            if victim.phase is Phase.READY and resident_for < self.config.scheduler.min_residency_s:
                 continue  # too recently loaded to swap out: stopped once min_residency_s has passed
             if victim.phase is Phase.LOADING or (victim.phase is Phase.READY and not victim.in_flight):
                 cause: StopCause = "swap" if victim in group_victims else ("lease" if state is None else "memory")
@@ -707,14 +300,16 @@ class SchedulerCore:
                 if not state.prewarmed:  # the disk works while the others drain and stop
                     state.prewarmed = True
                     actions.append(Prewarm(state.name))
-            return "wait" if memory_victims else "waiting_for_group"
+            placement.outcome = "wait" if memory_victims else "waiting_for_group"
+            return placement
         if self.budget is not None and (self.free_mb() or 0) < need:
-            return "wait"  # room is promised by models still unloading
+            placement.outcome = "wait"  # room is promised by models still unloading
+            return placement
         if state is None:
             actions.append(self._grant_lease(waiter, now))
         else:
             actions.append(self._start(state, now, "admin" if waiter.kind == "load" else "request"))
-        return "placed"
+        return placement
 
     def _candidates(self, state: ModelState | None, waiter: Waiter, claimed: list[str],
                     already: list[ModelState]) -> list[Candidate]:
@@ -738,26 +333,19 @@ class SchedulerCore:
             other = self.models[name]
             if name == state.name:
                 continue
-            if self._displaces(state, other):
+            if displaces(state, other):
                 return True
-            if other.phase is not Phase.READY and self._displaces(other, state):
+            if other.phase is not Phase.READY and displaces(other, state):
                 return True
         return False
 
-    def _displaces(self, loading: ModelState, other: ModelState) -> bool:
-        """Must `other` be stopped before `loading` may load? (the group rules of API.md)"""
-        if loading.name == other.name:
-            return False
-        if loading.config.group == other.config.group:
-            return loading.group.swap
-        return loading.group.exclusive and not other.group.persistent
-
-    def _measure(self, event: MemoryMeasured) -> Budget:
+    def _measure(self, snapshot: MemorySnapshot) -> Budget:
+        """Foreign use is fixed at the reading, against what was committed then."""
         models_mb, leases_mb = self.committed_mb()
         model_pids = [s.pid for s in self.models.values() if s.pid is not None]
         lease_pids = {lease.pid: lease.mb for lease in self.leases.values() if lease.pid is not None}
-        foreign = foreign_usage(event.used_mb, models_mb + leases_mb, event.process_mb, model_pids, lease_pids)
-        return Budget(event.total_mb, event.used_mb, self.reserve_mb, foreign)
+        foreign = foreign_usage(snapshot.used_mb, models_mb + leases_mb, snapshot.process_mb, model_pids, lease_pids)
+        return Budget(snapshot.total_mb, snapshot.used_mb, self.config.gpu.reserve_mb, foreign)
 
     def _expire_idle(self, now: float) -> list[Action]:
         wanted = {w.model for w in self.waiters.values()}
@@ -768,9 +356,9 @@ class SchedulerCore:
             forced = any(w.model == state.name and w.force and not w.detached for w in self.waiters.values())
             if state.unload_requested:
                 actions.append(self._stop(state, state.unload_cause))
-            elif self._kept_out_by_gaming(state, force=forced):
+            elif kept_out_by_gaming(self.gaming, state.config, force=forced):
                 actions.append(self._stop(state, "gaming"))
-            elif state.name not in wanted and now >= (self._ttl_expiry(state) or float("inf")):
+            elif state.name not in wanted and now >= (ttl_expiry(state) or float("inf")):
                 actions.append(self._stop(state, "ttl"))
         return actions
 
@@ -792,48 +380,43 @@ class SchedulerCore:
         """Apply a new config. Settings that do not change the process (aliases, TTL, priority, groups, fallback)
         apply at once; a model whose file or args changed is restarted once idle; removed models go once idle."""
         config, now = event.config, event.now
-        self.queue_timeout_s = config.daemon.queue_timeout_s
-        self.reserve_mb = config.gpu.reserve_mb
-        self.batching = config.scheduler.batching
-        self.max_batch_wait_s = config.scheduler.max_batch_wait_s
-        self.min_residency_s = config.scheduler.min_residency_s
+        self.config = config
         actions: list[Action] = []
-        for name, state in list(self.models.items()):
-            new = config.models.get(name)
-            if new is None:
-                state.retiring = True
-                for waiter in [w for w in self.waiters.values() if w.model == name]:
-                    if waiter.detached:  # already answered from the cloud
-                        del self.waiters[waiter.request_id]
-                    else:
-                        message = f"model {name!r} was removed from the config"
-                        actions.append(self._reject(waiter, 503, "model_removed", message, retry_after_s=1))
-                if state.phase in (Phase.UNLOADED, Phase.FAILED):
-                    del self.models[name]
-                else:
-                    actions += self._unload(UnloadRequested(name, now, cause="reload"))
+        for name in event.diff.removed:
+            state = self.models.get(name)
+            if state is None:
                 continue
-            process_changed = (new.model, new.args) != (state.config.model, state.config.args)
+            state.retiring = True
+            for waiter in [w for w in self.waiters.values() if w.model == name]:
+                if waiter.detached:  # already answered from the cloud
+                    del self.waiters[waiter.request_id]
+                else:
+                    message = f"model {name!r} was removed from the config"
+                    actions.append(self._reject(waiter, 503, "model_removed", message, retry_after_s=1))
+            if state.phase in (Phase.UNLOADED, Phase.FAILED):
+                del self.models[name]
+            else:
+                actions += self._unload(UnloadRequested(name, now, cause="reload"))
+        for name, new in config.models.items():
+            state = self.models.get(name)
+            need = new.vram_mb if isinstance(new.vram_mb, int) else event.needs_mb.get(name)
+            if state is None:
+                self.models[name] = ModelState(name=name, config=new, group=config.group_of(name), need_mb=need or 0)
+                continue
             state.config, state.group = new, config.group_of(name)
             state.retiring = False  # back in the config after an earlier reload removed it
-            if isinstance(new.vram_mb, int):
-                state.need_mb = new.vram_mb
-            elif name in event.needs_mb:
-                state.need_mb = event.needs_mb[name]
-            if process_changed:
+            if need is not None:
+                state.need_mb = need
+            if name in event.diff.process_changed:
                 if state.phase is Phase.FAILED:
                     state.phase, state.failures, state.retry_at, state.last_error = Phase.UNLOADED, 0, 0.0, None
                 elif state.phase in RESIDENT:
                     actions += self._unload(UnloadRequested(name, now, cause="reload"))
-        for name, new in config.models.items():
-            if name not in self.models:
-                need = new.vram_mb if isinstance(new.vram_mb, int) else event.needs_mb.get(name, 0)
-                self.models[name] = ModelState(name=name, config=new, group=config.group_of(name), need_mb=need)
         return actions
 
     def _fail(self, state: ModelState, error: str, now: float, during_load: bool) -> list[Action]:
         state.phase = Phase.FAILED
-        state.port = state.pid = None
+        state.upstream = None
         state.failures += 1
         state.retry_at = now + restart_delay(state.failures)
         state.last_error = error
@@ -845,7 +428,7 @@ class SchedulerCore:
         message = f"model {state.name!r} failed to load: {error}"
         actions: list[Action] = []
         for waiter in [w for w in self.waiters.values() if w.model == state.name]:
-            actions += self._give_up(waiter, 503, "model_load_failed", message, self._retry_after(state))
+            actions += self._give_up(waiter, 503, "model_load_failed", message, retry_after_s(state))
         return actions
 
     # ------------------------------------------------------------ helpers
@@ -865,15 +448,12 @@ class SchedulerCore:
     def _ranked(self, now: float) -> list[Waiter]:
         return sorted(self.waiters.values(), key=lambda w: self._rank_key(w, now))
 
-    def _rank_key(self, waiter: Waiter, now: float) -> tuple:
-        """Priority first. With batching, requests for a loaded model next (serving them costs no swap), unless
-        a request has waited max_batch_wait_s, which then competes by arrival so nothing starves."""
-        batch_first = 1
-        if self.batching and waiter.kind != "lease":
-            loaded = self.models[waiter.model].phase is Phase.READY
-            overdue = now - waiter.arrived >= self.max_batch_wait_s
-            batch_first = 0 if loaded or overdue else 1
-        return (-waiter.priority, batch_first, waiter.seq)
+    def _rank_key(self, waiter: Waiter, now: float) -> Rank:
+        scheduler = self.config.scheduler
+        model_ready = waiter.kind != "lease" and self.models[waiter.model].phase is Phase.READY
+        first = goes_first_in_batch(scheduler.batching, waiter.kind == "lease", model_ready, now - waiter.arrived,
+                                    scheduler.max_batch_wait_s)
+        return rank(waiter.priority, first, waiter.seq)
 
     def _resident(self) -> list[ModelState]:
         return [s for s in self.models.values() if s.phase in RESIDENT]
@@ -882,16 +462,6 @@ class SchedulerCore:
         state = self.models.get(model)
         return state if state is not None and state.instance == instance else None
 
-    def _ttl_expiry(self, state: ModelState) -> float | None:
-        if state.phase is not Phase.READY or state.in_flight or not state.config.ttl_s:
-            return None
-        return state.last_used + state.config.ttl_s
-
-    def _retry_after(self, state: ModelState) -> int:
-        # Short: a router should fail over or come back soon, not park the request for minutes.
-        expected = state.last_load_s or 1.0
-        return max(1, min(10, round(expected + 0.5)))
-
     def _timed_out(self, waiter: Waiter) -> list[Action]:
         if waiter.kind == "lease":
             lease = waiter.lease
@@ -899,9 +469,9 @@ class SchedulerCore:
                        f"(free now: {self.free_mb()} MB)")
             return [self._reject(waiter, 503, "lease_timeout", message, retry_after_s=5)]
         state = self.models[waiter.model]
-        message = (f"model {waiter.model!r} was not ready within {self.queue_timeout_s:g} s "
+        message = (f"model {waiter.model!r} was not ready within {self.config.daemon.queue_timeout_s:g} s "
                    f"(it is {state.phase.value}); retry shortly")  # fmt: skip
-        return self._give_up(waiter, 503, "queue_timeout", message, self._retry_after(state))
+        return self._give_up(waiter, 503, "queue_timeout", message, retry_after_s(state))
 
     def _give_up(self, waiter: Waiter, status: int, code: str, message: str, retry_after_s: int) -> list[Action]:
         """The local model cannot serve this request: the cloud takes it if it may go there, else a 503."""
@@ -914,26 +484,11 @@ class SchedulerCore:
             return [Fallback(waiter.request_id, waiter.model, state.config.fallback, code)]  # type: ignore[arg-type]
         return [self._reject(waiter, status, code, message, retry_after_s)]
 
-    def _fall_back(self, waiter: Waiter, state: ModelState, doomed: dict[str, tuple]) -> Fallback:
+    def _fall_back(self, waiter: Waiter, state: ModelState, doomed: dict[str, Rank]) -> Fallback:
         """Waited fallback_after_ms: answer from the cloud, but keep the place so the local load goes on."""
         waiter.detached = True
-        if state.phase is Phase.FAILED:
-            reason = "model_failed"
-        elif state.phase is Phase.LOADING:
-            reason = "loading"
-        elif state.phase is Phase.UNLOADING or state.displaced or state.name in doomed:
-            reason = "swapping"
-        elif state.name in self._short_of_memory:
-            reason = "lease" if self.leases else "memory"
-        else:
-            reason = "queued"
+        reason = fallback_reason(state, state.name in doomed, state.name in self.short_of_memory, bool(self.leases))
         return Fallback(waiter.request_id, waiter.model, state.config.fallback, reason)  # type: ignore[arg-type]
-
-    def _may_fall_back(self, state: ModelState, local_only_requested: bool) -> bool:
-        return state.config.fallback is not None and not state.config.local_only and not local_only_requested
-
-    def _kept_out_by_gaming(self, state: ModelState, force: bool) -> bool:
-        return self.gaming and not state.config.allow_in_gaming and not force
 
     def _start(self, state: ModelState, now: float, cause: str) -> StartProcess:
         for waiter in [w for w in self.waiters.values() if w.detached and w.model == state.name]:
@@ -949,8 +504,8 @@ class SchedulerCore:
         del self.waiters[waiter.request_id]
         self.granted[waiter.request_id] = (state.name, state.instance)
         state.in_flight += 1
-        assert state.port is not None
-        return Grant(waiter.request_id, state.name, state.port)
+        assert state.upstream is not None
+        return Grant(waiter.request_id, state.name, state.upstream)
 
     def _grant_lease(self, waiter: Waiter, now: float) -> GrantLease:
         request = waiter.lease

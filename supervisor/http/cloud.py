@@ -20,9 +20,9 @@ import structlog
 from aiohttp import web
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from .config import CloudConfig, Config
-from .records import ResponseTail
-from .responses import NOT_FORWARDED_UP, ApiError, stream_through
+from ..config import CloudConfig, Config
+from ..records import ResponseTail
+from .errors import NOT_FORWARDED_UP, ApiError, stream_through
 
 log = structlog.get_logger("supervisor.fallback")
 

@@ -1,4 +1,4 @@
-"""Budget and lease arithmetic: pure functions over megabytes. No probes, no clocks, no processes.
+"""Where a load or a lease may go: the group rules and the memory budget. Pure: no probes, clocks or processes.
 
 usable = total - reserve_mb - foreign, where foreign is what processes the daemon does not know hold.
 What the daemon has committed (resident models' needs + granted leases) must stay within usable; a load or lease
@@ -8,7 +8,12 @@ that does not fit first frees memory by stopping models, chosen by ``eviction_or
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .events import Action
+    from .state import ModelState
 
 
 @dataclass(frozen=True)
@@ -71,3 +76,24 @@ def choose_victims(deficit_mb: int, candidates: Iterable[Candidate]) -> list[Can
         if freed >= deficit_mb:
             return chosen
     return None
+
+
+def displaces(loading: ModelState, other: ModelState) -> bool:
+    """Must `other` be stopped before `loading` may load? (the group rules of API.md)"""
+    if loading.name == other.name:
+        return False
+    if loading.config.group == other.config.group:
+        return loading.group.swap
+    return loading.group.exclusive and not other.group.persistent
+
+
+@dataclass
+class Placement:
+    """What trying to place a load or a lease came to, and the actions that takes (stops, the start, the grant).
+
+    placed: started or granted. wait: memory is short and nothing we may stop frees enough yet (lower-ranked
+    placements must not take memory before it). waiting_for_group: its group's residents are being stopped.
+    rejected: it can never fit; the waiter has been answered."""
+
+    outcome: Literal["placed", "wait", "waiting_for_group", "rejected"]
+    actions: list[Action] = field(default_factory=list)

@@ -16,11 +16,14 @@ import psutil
 import structlog
 from aiohttp import web
 
-from .config import Config, ConfigError
-from .driver import Driver, Rejected
-from .proxy import Proxy, rejection_response, unknown_model_error
-from .responses import ApiError, error_response, read_body
-from .scheduler import ModelView
+from ..config import Config, ConfigError
+from ..ledger import Ledger
+from ..metrics import Metrics
+from ..runtime import Runtime
+from .documents import StatusSnapshot, take_snapshot
+from .errors import ApiError, error_response, read_body
+from .proxy import Proxy, unknown_model_error
+from .site import HeadDeadlines
 
 log = structlog.get_logger("supervisor.api")
 
@@ -32,21 +35,21 @@ EVENTS_COALESCE_S = 0.1  # a swap is several state changes in a few ms: one even
 
 
 class Api:
-    def __init__(self, driver: Driver, proxy: Proxy, ledger: Any = None):
-        self.driver = driver
+    def __init__(self, runtime: Runtime, proxy: Proxy, metrics: Metrics, ledger: Ledger | None,
+                 heads: HeadDeadlines):
+        self.runtime = runtime
         self.proxy = proxy
-        self.ledger = ledger  # supervisor.ledger.Ledger, or None when state_dir is unusable
-        self.metrics: Any = None  # supervisor.metrics.Metrics, set by the daemon
-        self.heads_received: set[int] = set()  # connections (by id) that sent a complete request head
-        self.reloader: Callable[[], dict[str, Any]] | None = None  # re-reads the config file; set by the daemon
+        self.metrics = metrics
+        self.ledger = ledger  # None when state_dir is unusable
+        self.heads = heads  # the slow-head deadline of each new connection, called off once its head is in
         self.started = int(time.time())
-        daemon = driver.config.daemon  # the token variables need a restart to change (see reload)
+        daemon = runtime.config.daemon  # the token variables need a restart to change (see reload)
         self.admin_token = os.environ.get(daemon.admin_token_env, "") if daemon.admin_token_env else ""
         self.api_key = os.environ.get(daemon.api_key_env, "") if daemon.api_key_env else ""
 
     @property
     def config(self) -> Config:
-        return self.driver.config  # the live config: a reload replaces it
+        return self.runtime.config  # the live config: a reload replaces it
 
     def app(self) -> web.Application:
         limit = int(self.config.daemon.max_body_mb * 1024 * 1024)
@@ -85,7 +88,7 @@ class Api:
 
     @web.middleware
     async def errors_as_json(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        self.heads_received.add(id(request.protocol))  # the head is in: the slow-head deadline is off
+        self.heads.head_received(request.protocol)  # the head is in: the slow-head deadline is off
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -97,18 +100,16 @@ class Api:
                 message = f"request body is larger than max_body_mb ({self.config.daemon.max_body_mb:g} MB)"
             elif exc.status == 404:
                 message = f"no such endpoint: {request.method} {request.path}"
-            return error_response(exc.status, code, message)
-        except Rejected as rejected:
-            return rejection_response(rejected)
+            return error_response(ApiError(exc.status, code, message))
         except ApiError as error:
-            response = error_response(error.status, error.code, error.message)
+            response = error_response(error)
             if error.status == 408:
                 response.force_close()  # the rest of a slow body is still coming: this connection is done
             return response
         except Exception:
             # Nothing a client sends may take the daemon down; the traceback goes to the log, not the client.
             log.exception("handler_failed", path=request.path, method=request.method)
-            return error_response(500, "internal_error", "internal error; see the daemon's log")
+            return error_response(ApiError(500, "internal_error", "internal error; see the daemon's log"))
 
     def admin(self, handler: Handler) -> Handler:
         """Admin endpoints need the admin token, when one is configured."""
@@ -129,7 +130,7 @@ class Api:
                 # Compare against every accepted key, in constant time each, so timing says nothing.
                 matches = [hmac.compare_digest(given, f"Bearer {key}".encode()) for key in keys]
                 if not any(matches):
-                    return error_response(401, "unauthorized", message)
+                    return error_response(ApiError(401, "unauthorized", message))
             return await handler(request)
 
         return guarded
@@ -143,34 +144,10 @@ class Api:
             raise unknown_model_error(self.config, name)
         return model
 
-    def _views(self) -> dict[str, ModelView]:
-        return {v.name: v for v in self.driver.core.views(self.driver.now())}
-
-    def _model_document(self, view: ModelView) -> dict[str, object]:
-        return {
-            "state": view.state,
-            "group": view.group,
-            "aliases": view.aliases,
-            "pid": view.pid,
-            "port": view.port,
-            "vram_mb": view.need_mb,
-            "vram_source": self.driver.need_source.get(view.name, "unknown"),
-            "in_flight": view.in_flight,
-            "queued": view.queued,
-            "ttl_s": view.ttl_s,
-            "ttl_remaining_s": view.ttl_remaining_s,
-            "last_load_ms": view.last_load_ms,
-            "available_now": view.available_now,
-            "eta_ms": view.eta_ms,
-            "route": view.route,
-            "fallback": self.config.models[view.name].fallback,
-            "allow_in_gaming": self.config.models[view.name].allow_in_gaming,
-            "last_error": view.last_error,
-        }
+    def _snapshot(self) -> StatusSnapshot:
+        return take_snapshot(self.runtime)
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        if self.metrics is None:
-            raise ApiError(503, "metrics_unavailable", "metrics are not set up")
         response = web.Response(body=self.metrics.render())
         response.headers["Content-Type"] = self.metrics.content_type
         return response
@@ -198,75 +175,40 @@ class Api:
 
     async def model_health(self, request: web.Request) -> web.Response:
         model = self._model_or_404(request)
-        view = self._views()[model]
+        view = self._snapshot().models[model]
         body = {"model": model, "state": view.state, "eta_ms": view.eta_ms, "route": view.route}
         if view.available_now:
             return web.json_response({"status": "ok", **body})
         message = f"model {model!r} cannot be served locally now (it is {view.state})"
-        return error_response(503, "model_not_ready", message, extra=body)
+        return error_response(ApiError(503, "model_not_ready", message, extra=body))
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.status_document())
-
-    def status_document(self) -> dict[str, Any]:
-        views = self._views()
-        return {
-            "gaming_mode": self.driver.gaming,
-            "memory": self._memory_document(),
-            "models": {name: self._model_document(view) for name, view in views.items()},
-            "leases": self._lease_documents(),
-        }
+        return web.json_response(self._snapshot().document())
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: the /status document now and after every change (bursts coalesced)."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        while not self.driver.closing:  # a shutdown ends the stream (else the server would wait on it)
-            document = json.dumps(self.status_document())
+        while not self.runtime.closing:  # a shutdown ends the stream (else the server would wait on it)
+            document = json.dumps(self._snapshot().document())
             await response.write(f"event: status\ndata: {document}\n\n".encode())
             with contextlib.suppress(TimeoutError):  # nothing changed for a while: send it again as a keep-alive
-                await asyncio.wait_for(self.driver.next_change(), EVENTS_KEEPALIVE_S)
+                await asyncio.wait_for(self.runtime.next_change(), EVENTS_KEEPALIVE_S)
             await asyncio.sleep(EVENTS_COALESCE_S)
         return response
-
-    def _memory_document(self) -> list[dict[str, Any]]:
-        """Per device (one today: [gpu] device): what the probe reads and how the daemon divides it."""
-        snapshot, budget = self.driver.snapshot, self.driver.core.budget
-        if snapshot is None or budget is None:
-            return []
-        models_mb, leases_mb = self.driver.core.committed_mb()
-        document = {
-            "device": snapshot.device, "backend": snapshot.backend, "pool": snapshot.pool,
-            "total_mb": snapshot.total_mb, "used_mb": snapshot.used_mb, "free_mb": snapshot.free_mb,
-            "reserve_mb": budget.reserve_mb, "foreign_mb": budget.foreign_mb,
-            "models_mb": models_mb, "leases_mb": leases_mb, "usable_mb": budget.usable_mb,
-            "available_mb": self.driver.core.free_mb(),
-        }  # fmt: skip
-        for key in ("vram_total_mb", "vram_used_mb", "gtt_total_mb", "gtt_used_mb"):
-            if getattr(snapshot, key) is not None:
-                document[key] = getattr(snapshot, key)
-        return [document]
-
-    def _lease_documents(self) -> list[dict[str, Any]]:
-        now = self.driver.now()
-        return [
-            {"id": lease.lease_id, "owner": lease.owner, "vram_mb": lease.mb, "priority": lease.priority,
-             "pid": lease.pid, "expires_in_s": round(lease.expires_at - now, 3), "ttl_s": lease.ttl_s}
-            for lease in self.driver.core.leases.values()
-        ]  # fmt: skip
 
     async def running(self, request: web.Request) -> web.Response:
         """llama-swap's /running: the models that hold a process."""
         running = [
             {"model": v.name, "state": v.state, "pid": v.pid, "port": v.port, "ttl": v.ttl_s}
-            for v in self._views().values()
+            for v in self._snapshot().models.values()
             if v.state in ("loading", "ready", "unloading")
         ]
         return web.json_response({"running": running})
 
     async def list_models(self, request: web.Request) -> web.Response:
         data = []
-        for view in self._views().values():
+        for view in self._snapshot().models.values():
             entry = {"id": view.name, "object": "model", "created": self.started, "owned_by": "model-supervisor",
                      "aliases": view.aliases, "status": {"value": view.state}}  # fmt: skip
             data.append(entry)
@@ -280,7 +222,7 @@ class Api:
     # ------------------------------------------------------------ gaming mode
 
     async def gaming_mode(self, request: web.Request) -> web.Response:
-        return web.json_response({"enabled": self.driver.gaming})
+        return web.json_response({"enabled": self.runtime.gaming})
 
     async def set_gaming_mode(self, request: web.Request) -> web.Response:
         try:
@@ -289,52 +231,51 @@ class Api:
             raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
         if not isinstance(payload, dict) or not isinstance(payload.get("enabled"), bool):
             raise ApiError(400, "invalid_request", 'body must be {"enabled": true} or {"enabled": false}')
-        self.driver.set_gaming(payload["enabled"], source="api")
-        return web.json_response({"enabled": self.driver.gaming})
+        self.runtime.set_gaming(payload["enabled"], source="api")
+        return web.json_response({"enabled": self.runtime.gaming})
 
     async def logs(self, request: web.Request) -> web.Response:
         model = self._model_or_404(request)
-        return web.Response(text="\n".join(self.driver.logs[model].lines()) + "\n", content_type="text/plain")
+        return web.Response(text="\n".join(self.runtime.children.log_lines(model)) + "\n", content_type="text/plain")
 
     # ------------------------------------------------------------ admin
 
     async def load(self, request: web.Request) -> web.Response:
         model = self._model_or_404(request)
-        await self.driver.load(model)
-        view = self._views()[model]
+        await self.runtime.load(model)
+        view = self._snapshot().models[model]
         return web.json_response({"model": model, "state": view.state, "load_ms": view.last_load_ms})
 
     async def unload(self, request: web.Request) -> web.Response:
         model = self._model_or_404(request)
-        await self.driver.unload(model)
-        return web.json_response({"model": model, "state": self._views()[model].state})
+        await self.runtime.unload(model)
+        return web.json_response({"model": model, "state": self._snapshot().models[model].state})
 
     async def unload_all(self, request: web.Request) -> web.Response:
-        await self.driver.unload(None)
+        await self.runtime.unload(None)
         return web.json_response({"unloaded": sorted(self.config.models)})
 
     async def reload(self, request: web.Request) -> web.Response:
-        if self.reloader is None:
-            raise ApiError(409, "no_config_file", "this daemon was not started from a config file")
         try:
-            summary = self.reloader()
+            summary = await self.runtime.reload()
         except ConfigError as exc:
             # The old config stays in force; say why the new one was refused, key by key.
-            return error_response(400, "invalid_config", str(exc), extra={"problems": exc.problems})
+            log.error("config_reload_refused", path=self.runtime.live.path, problems=exc.problems)
+            raise ApiError(400, "invalid_config", str(exc), extra={"problems": exc.problems}) from None
         return web.json_response(summary)
 
     async def stop_all(self, request: web.Request) -> web.Response:
-        await self.driver.stop_all("stop-all was requested by an administrator")
+        await self.runtime.stop_all("stop-all was requested by an administrator")
         return web.json_response({"unloaded": sorted(self.config.models)})
 
     # ------------------------------------------------------------ leases
 
     async def list_leases(self, request: web.Request) -> web.Response:
-        return web.json_response({"leases": self._lease_documents()})
+        return web.json_response({"leases": self._snapshot().leases})
 
     async def create_lease(self, request: web.Request) -> web.Response:
         fields = lease_fields(await read_body(request, self.config.daemon.body_timeout_s))
-        grant = await self.driver.request_lease(**fields)
+        grant = await self.runtime.request_lease(**fields)
         return web.json_response({"id": grant.lease_id, "vram_mb": grant.mb, "expires_at": grant.expires_at},
                                  status=201)
 
@@ -346,14 +287,14 @@ class Api:
 
     async def renew_lease(self, request: web.Request) -> web.Response:
         lease_id = self._lease_id(request)
-        expires_at = self.driver.renew_lease(lease_id)
+        expires_at = self.runtime.renew_lease(lease_id)
         if expires_at is None:
             raise ApiError(404, "lease_not_found", f"no lease {lease_id} (released or expired)")
         return web.json_response({"id": lease_id, "expires_at": expires_at})
 
     async def delete_lease(self, request: web.Request) -> web.Response:
         lease_id = self._lease_id(request)
-        if not self.driver.release_lease(lease_id):
+        if not self.runtime.release_lease(lease_id):
             raise ApiError(404, "lease_not_found", f"no lease {lease_id} (released or expired)")
         return web.json_response({"id": lease_id, "released": True})
 

@@ -1,6 +1,6 @@
 """Budget arithmetic (pure)."""
 
-from supervisor.memory import Budget, Candidate, choose_victims, eviction_order, foreign_usage
+from model_supervisor.scheduler.placement import Budget, Candidate, choose_victims, eviction_order, foreign_usage
 
 
 def test_usable_is_total_less_reserve_and_foreign_never_negative():

@@ -1,4 +1,5 @@
-"""HTTP pieces shared by the local proxy and the cloud client: OpenAI-style errors and byte-for-byte streaming."""
+"""HTTP pieces shared by the routes, the local proxy and the cloud client: OpenAI-style errors, reading a body,
+and byte-for-byte streaming."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from .records import ResponseTail
+from ..errors import ApiError
+from ..records import ResponseTail
 
 log = structlog.get_logger("supervisor.proxy")
 
@@ -26,12 +28,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}  # fmt: skip
 
 
-class ApiError(Exception):
-    """An error a handler answers with: status, machine-readable code, message for a person."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after_s: int | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.retry_after_s = status, code, message, retry_after_s
+__all__ = ["ApiError", "HOP_BY_HOP", "NOT_FORWARDED_UP", "error_response", "read_body", "stream_through"]
 
 
 async def read_body(request: web.Request, timeout_s: float) -> bytes:
@@ -42,9 +39,10 @@ async def read_body(request: web.Request, timeout_s: float) -> bytes:
         raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s") from None
 
 
-def error_response(status: int, code: str, message: str, retry_after_s: int | None = None,
-                   extra: dict[str, Any] | None = None) -> web.Response:
-    """An OpenAI-style JSON error."""
+def error_response(error: ApiError) -> web.Response:
+    """An OpenAI-style JSON error: the one place an ApiError becomes an answer."""
+    status, code, message, retry_after_s, extra = (error.status, error.code, error.message, error.retry_after_s,
+                                                    error.extra)
     kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     body: dict[str, Any] = {"error": {"message": message, "type": kind, "code": code}}
     if extra:

@@ -1,0 +1,107 @@
+"""What the runtime tells its observers (metrics, the systemd status line, logs in tests): typed, so a
+misspelt kind is an import error rather than a silently dropped metric."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Notice:
+    kind: ClassVar[str] = "notice"
+
+    def fields(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoadStarting(Notice):
+    kind: ClassVar[str] = "starting"
+    model: str
+    cause: str  # "request" | "admin"
+
+
+@dataclass(frozen=True)
+class LoadReady(Notice):
+    kind: ClassVar[str] = "spawned"
+    model: str
+    pid: int | None
+    port: int | None
+    load_s: float
+
+
+@dataclass(frozen=True)
+class LoadFailedNotice(Notice):
+    kind: ClassVar[str] = "load_failed"
+    model: str
+    error: str
+
+
+@dataclass(frozen=True)
+class ChildStopped(Notice):
+    """A child the daemon stopped (or whose load it cancelled) has exited."""
+
+    kind: ClassVar[str] = "stopped"
+    model: str
+    cause: str
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class ChildExited(Notice):
+    """A ready child exited without being asked to."""
+
+    kind: ClassVar[str] = "exited"
+    model: str
+    code: int | None
+    cause: str = "crash"
+
+
+@dataclass(frozen=True)
+class FellBack(Notice):
+    kind: ClassVar[str] = "fallback"
+    model: str
+    target: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RequestRefused(Notice):
+    kind: ClassVar[str] = "rejected"
+    model: str
+    code: str
+
+
+@dataclass(frozen=True)
+class LeaseGranted(Notice):
+    kind: ClassVar[str] = "lease_granted"
+    lease: int
+    mb: int
+
+
+@dataclass(frozen=True)
+class LeaseFinished(Notice):
+    kind: ClassVar[str] = "lease_ended"
+    lease: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class GamingSet(Notice):
+    kind: ClassVar[str] = "gaming"
+    enabled: bool
+    source: str
+
+
+@dataclass(frozen=True)
+class Prewarmed(Notice):
+    kind: ClassVar[str] = "prewarm"
+    model: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Reloaded(Notice):
+    kind: ClassVar[str] = "reloaded"
+    summary: dict[str, list[str]]

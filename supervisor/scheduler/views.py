@@ -1,0 +1,130 @@
+"""What the core's state means to someone asking: available now, an ETA, the route a request would take.
+
+Pure functions of the core and a time; /status, /health/{model}, /events, metrics and the CLI all show these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .core import SchedulerCore
+from .placement import displaces
+from .policy import goes_first_in_batch, kept_out_by_gaming, may_fall_back, rank, ttl_expiry
+from .state import RESIDENT, Phase
+
+Route = Literal["local", "queued", "cloud", "rejected"]
+
+# What stopping a model takes, for ETAs (SIGTERM to exit is milliseconds for llama-server).
+STOP_ESTIMATE_S = 0.2
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What /status shows of one model."""
+
+    name: str
+    state: str
+    group: str
+    pid: int | None
+    port: int | None
+    in_flight: int
+    queued: int
+    ttl_s: float
+    ttl_remaining_s: float | None
+    last_load_ms: int | None
+    available_now: bool
+    last_error: str | None
+    aliases: list[str] = field(default_factory=list)
+    need_mb: int = 0
+    eta_ms: int | None = None
+    route: Route = "queued"
+
+
+def available_now(core: SchedulerCore, model: str) -> bool:
+    """Would a request for this model arriving now be granted at once?"""
+    state = core.models[model]
+    if state.phase is not Phase.READY or state.unload_requested or kept_out_by_gaming(core.gaming, state.config, False):
+        return False
+    doomer = core.doomed.get(model)
+    if doomer is None:
+        return True
+    # A new request ranks after every waiter of its class and priority; served if that is before the doomer.
+    scheduler = core.config.scheduler
+    first = goes_first_in_batch(scheduler.batching, False, True, 0.0, scheduler.max_batch_wait_s)
+    return rank(state.config.priority, first, float("inf")) < doomer
+
+
+def eta_ms(core: SchedulerCore, model: str, now: float) -> int | None:
+    """Roughly how long until a request for this model could be served locally; None when unknown."""
+    state = core.models[model]
+    if available_now(core, model):
+        return 0
+    if kept_out_by_gaming(core.gaming, state.config, False) or state.last_load_s is None:
+        return None
+    if state.phase is Phase.LOADING and state.load_started is not None:
+        return round(max(0.0, state.last_load_s - (now - state.load_started)) * 1000)
+    seconds = state.last_load_s
+    if state.phase is Phase.FAILED:
+        seconds += max(0.0, state.retry_at - now)
+    in_the_way = [o for o in core.models.values() if o.phase in RESIDENT and displaces(state, o)]
+    if any(o.in_flight for o in in_the_way) or model in core.short_of_memory:
+        return None  # depends on when other requests finish or memory frees
+    seconds += STOP_ESTIMATE_S * (len(in_the_way) + (state.phase is Phase.UNLOADING))
+    return round(seconds * 1000)
+
+
+def route(core: SchedulerCore, model: str, now: float, local_only: bool = False) -> Route:
+    """What a request for this model arriving now would get."""
+    state = core.models[model]
+    if available_now(core, model):
+        return "local"
+    fallback = may_fall_back(state.config, local_only)
+    never_soon = (
+        kept_out_by_gaming(core.gaming, state.config, False)
+        or (state.phase is Phase.FAILED and state.retry_at - now >= core.config.daemon.queue_timeout_s)
+        or (core.budget is not None and state.need_mb > core.budget.usable_mb)
+    )
+    if never_soon:
+        return "cloud" if fallback else "rejected"
+    eta = eta_ms(core, model, now)
+    if fallback and (eta is None or eta > state.config.fallback_after_ms):
+        return "cloud"
+    return "queued"
+
+
+def queued_requests(core: SchedulerCore) -> dict[str, int]:
+    """Requests waiting per model (places kept after a cloud answer do not count)."""
+    queued: dict[str, int] = {}
+    for waiter in core.waiters.values():
+        if waiter.kind == "request" and not waiter.detached:
+            queued[waiter.model] = queued.get(waiter.model, 0) + 1
+    return queued
+
+
+def model_views(core: SchedulerCore, now: float) -> list[ModelView]:
+    queued = queued_requests(core)
+    views = []
+    for state in core.models.values():
+        expiry = ttl_expiry(state)
+        views.append(
+            ModelView(
+                name=state.name,
+                state=state.phase.value,
+                group=state.config.group,
+                pid=state.pid,
+                port=state.port,
+                in_flight=state.in_flight,
+                queued=queued.get(state.name, 0),
+                ttl_s=state.config.ttl_s,
+                ttl_remaining_s=None if expiry is None else round(max(0.0, expiry - now), 3),
+                last_load_ms=None if state.last_load_s is None else round(state.last_load_s * 1000),
+                available_now=available_now(core, state.name),
+                last_error=state.last_error,
+                aliases=list(state.config.aliases),
+                need_mb=state.need_mb,
+                eta_ms=eta_ms(core, state.name, now),
+                route=route(core, state.name, now),
+            )
+        )
+    return views
