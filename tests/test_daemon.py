@@ -359,9 +359,10 @@ async def test_stopping_does_not_wait_on_an_open_event_stream(start_daemon, tiny
 async def test_a_pooled_connection_the_upstream_closed_is_retried_on_a_fresh_one():
     """Named fake: an upstream that says keep-alive but closes after every answer (as llama-server does after a
     stream). The proxy's second request lands on the dead pooled connection and must be sent again, not 502."""
-    from model_supervisor.driver import Ticket
-    from model_supervisor.proxy import Proxy
+    from model_supervisor.http.proxy import Proxy
     from model_supervisor.records import ResponseTail
+    from model_supervisor.runtime import Ticket
+    from model_supervisor.scheduler import Upstream
 
     async def answer_then_close(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
@@ -376,11 +377,11 @@ async def test_a_pooled_connection_the_upstream_closed_is_retried_on_a_fresh_one
     upstream = await asyncio.start_server(answer_then_close, "127.0.0.1", 0)
     port = upstream.sockets[0].getsockname()[1]
     async with aiohttp.ClientSession() as pool:
-        proxy = Proxy(driver=None, http=pool, cloud=None)
+        proxy = Proxy(runtime=None, http=pool, cloud=None)
 
         async def handler(request):
             body = await request.read()
-            return await proxy._forward(request, Ticket(1, "m", port), "/x", body, ResponseTail())
+            return await proxy._forward(request, Ticket(1, "m", Upstream(f"http://127.0.0.1:{port}")), "/x", body, ResponseTail())
 
         app = aiohttp.web.Application()
         app.router.add_post("/", handler)  # POST: aiohttp retries only idempotent methods by itself

@@ -156,7 +156,7 @@ async def test_status_lines_are_throttled_and_the_last_state_always_goes_out(tmp
     reporter = StatusReporter(recorder, lambda: f"n={state['n']}", min_interval_s=0.05)
     for n in range(1, 201):  # a burst of changes, as a busy driver reports them
         state["n"] = n
-        reporter.changed("spawned", {})
+        reporter.changed()
         if n % 50 == 0:
             await asyncio.sleep(0)  # let due flushes run, as the loop would between events
     deadline = time.monotonic() + 5

@@ -29,7 +29,7 @@ log = structlog.get_logger("supervisor.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
+DASHBOARD = Path(__file__).parent.parent / "static" / "dashboard.html"
 EVENTS_KEEPALIVE_S = 15.0
 EVENTS_COALESCE_S = 0.1  # a swap is several state changes in a few ms: one event for them
 
