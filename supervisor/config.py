@@ -67,11 +67,21 @@ class DaemonConfig(Section):
     keepalive_timeout_s: PositiveSeconds = 75
     notify_url: str = ""
     log_lines: Annotated[int, Field(ge=10, le=100_000)] = 1000
+    # Host header names accepted besides the listen address and loopback names (DNS rebinding); "*" = any.
+    allowed_hosts: list[str] = []
 
     @field_validator("listen")
     @classmethod
     def _listen_is_host_port(cls, value: str) -> str:
         parse_listen(value)
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if host != "*" and not re.match(r"^[A-Za-z0-9._-]+$", host) and not _is_address(host.strip("[]")):
+                raise ValueError(f"{host!r} is not a host name or address (no scheme, port or path), nor \"*\"")
         return value
 
     @field_validator("port_range")
@@ -153,6 +163,9 @@ class CloudConfig(Section):
     api_key_env: str = ""
     input_usd_per_mtok: Annotated[float, Field(ge=0)] = 0
     output_usd_per_mtok: Annotated[float, Field(ge=0)] = 0
+    # How long the target may take to send its response head; past it the client gets 504. Never retried: a
+    # request that may have reached the target is not sent again.
+    first_byte_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120
 
     @field_validator("base_url")
     @classmethod
@@ -270,6 +283,14 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is out of range")
     return (match["v6"] or match["host"]), port
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def is_loopback(host: str) -> bool:

@@ -166,6 +166,19 @@ class Runtime:
         event = RequestArrived(request_id, model, now, deadline, kind, local_only, force)  # type: ignore[arg-type]
         return await self._await_answer(request_id, event, withdraw)
 
+    async def upstream_gone(self, ticket: Ticket, within_s: float) -> bool:
+        """Has the child this ticket was granted on exited or been stopped? Waits up to within_s for the runtime to
+        see it (a connection to a killed child fails a few ms before its exit is noticed)."""
+        def gone() -> bool:
+            state = self.core.models.get(ticket.model)
+            return state is None or state.upstream is not ticket.upstream
+
+        try:
+            await asyncio.wait_for(self.wait_until(gone), within_s)
+        except TimeoutError:
+            return False
+        return True
+
     def release(self, ticket: Ticket) -> None:
         if ticket.upstream is not None:  # a cloud ticket held nothing local
             self.dispatch(RequestFinished(ticket.request_id, self.now()))

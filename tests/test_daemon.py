@@ -359,6 +359,7 @@ async def test_stopping_does_not_wait_on_an_open_event_stream(start_daemon, tiny
 async def test_a_pooled_connection_the_upstream_closed_is_retried_on_a_fresh_one():
     """Named fake: an upstream that says keep-alive but closes after every answer (as llama-server does after a
     stream). The proxy's second request lands on the dead pooled connection and must be sent again, not 502."""
+    from model_supervisor.http.errors import stream_through
     from model_supervisor.http.proxy import Proxy
     from model_supervisor.records import ResponseTail
     from model_supervisor.runtime import Ticket
@@ -381,7 +382,8 @@ async def test_a_pooled_connection_the_upstream_closed_is_retried_on_a_fresh_one
 
         async def handler(request):
             body = await request.read()
-            return await proxy._forward(request, Ticket(1, "m", Upstream(f"http://127.0.0.1:{port}")), "/x", body, ResponseTail())
+            upstream = await proxy._open(request, Ticket(1, "m", Upstream(f"http://127.0.0.1:{port}")), "/x", body)
+            return await stream_through(request, upstream, {}, "m", ResponseTail())
 
         app = aiohttp.web.Application()
         app.router.add_post("/", handler)  # POST: aiohttp retries only idempotent methods by itself

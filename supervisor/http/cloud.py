@@ -1,9 +1,10 @@
 """The cloud side: send a request to an OpenAI-compatible target, and tell a webhook when fallback starts.
 
 Only the `model` field of the body is rewritten (to the target's model name); the API key comes from the
-environment variable the target names and is sent as a bearer token, never logged or shown. Connection failures
-are retried (tenacity) only before any response byte; an error the cloud answers with is passed to the client as
-it came.
+environment variable the target names and is sent as a bearer token, never logged or shown. Only a connection
+that could not be established is tried again (tenacity): a request that may have reached the target is never sent
+twice. The wait for the response head is bounded (`first_byte_timeout_s`); an error the cloud answers with is
+passed to the client as it came.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from .errors import NOT_FORWARDED_UP, ApiError, stream_through
 log = structlog.get_logger("supervisor.fallback")
 
 NOTIFY_EVERY_S = 60.0
-RETRY_ON = (aiohttp.ClientConnectionError, TimeoutError)
+# Only these prove the request never left: the TCP/TLS connection itself was not established.
+RETRY_ON = (aiohttp.ClientConnectorError,)
+BETWEEN_CHUNKS_S = 300  # a stream that stops for this long is cut
 
 
 class CloudClient:
@@ -60,11 +63,13 @@ class CloudClient:
         log.info("cloud_request", model=model, target=target_name, reason=reason)
         if model is not None:
             self._notify_fallback(model, target_name, reason)
-        upstream = await self._open(target_name, target.base_url + suffix, json.dumps(payload).encode(), headers)
+        upstream = await self._open(target_name, target.base_url + suffix, json.dumps(payload).encode(), headers,
+                                    target.first_byte_timeout_s)
         extra = {"X-Served-By": "cloud", "X-Fallback-Reason": reason}
         return await stream_through(request, upstream, extra, label=f"cloud target {target_name!r}", tail=tail)
 
-    async def _open(self, name: str, url: str, data: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+    async def _open(self, name: str, url: str, data: bytes, headers: dict[str, str],
+                    first_byte_s: float) -> aiohttp.ClientResponse:
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(RETRY_ON),
@@ -73,11 +78,14 @@ class CloudClient:
                 reraise=True,
             ):
                 with attempt:
-                    return await self.http.post(
+                    return await asyncio.wait_for(self.http.post(
                         url, data=data, headers=headers,
-                        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
-                    )  # fmt: skip
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=BETWEEN_CHUNKS_S),
+                    ), first_byte_s)  # fmt: skip
+        except TimeoutError:
+            raise ApiError(504, "cloud_timeout", f"cloud target {name!r} sent no answer within {first_byte_s:g} s "
+                                                 "(first_byte_timeout_s)") from None
+        except (aiohttp.ClientError, OSError) as exc:
             raise ApiError(502, "cloud_unreachable", f"cloud target {name!r} did not answer: {type(exc).__name__}") from None
         raise AssertionError("unreachable")  # AsyncRetrying either returns or raises
 

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, PayloadEncodingError
 
 from ..errors import ApiError
 from ..records import ResponseTail
@@ -22,21 +23,57 @@ HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
     "transfer-encoding", "upgrade", "host", "content-length",
 }  # fmt: skip
-NOT_FORWARDED_UP = HOP_BY_HOP | {"authorization", "x-local-only", "x-force-big"}
+# content-encoding: aiohttp has already decoded the body we send on (gzip, deflate, br, zstd; read_body refuses any
+# other coding), so the header would describe bytes that are not there (llama-server answers 415).
+NOT_FORWARDED_UP = HOP_BY_HOP | {"authorization", "x-local-only", "x-force-big", "content-encoding"}
+# Response headers kept from the client: llama-server reflects any Origin in its CORS headers, which would let any
+# web page read answers from a daemon on loopback.
+NOT_FORWARDED_DOWN = HOP_BY_HOP | {
+    "access-control-allow-origin", "access-control-allow-credentials", "access-control-allow-methods",
+    "access-control-allow-headers", "access-control-expose-headers", "access-control-max-age",
+}  # fmt: skip
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}  # fmt: skip
 
 
-__all__ = ["ApiError", "HOP_BY_HOP", "NOT_FORWARDED_UP", "error_response", "read_body", "stream_through"]
+__all__ = ["ApiError", "ClientGone", "HOP_BY_HOP", "NOT_FORWARDED_DOWN", "NOT_FORWARDED_UP", "error_response",
+           "parse_json", "read_body", "stream_through"]
+
+
+DECODED_ENCODINGS = {"gzip", "deflate", "br", "zstd"}  # what aiohttp's request parser decompresses
 
 
 async def read_body(request: web.Request, timeout_s: float) -> bytes:
     """The whole request body, or a 408 for a client too slow to send it (it holds a connection meanwhile)."""
+    coding = request.headers.get("Content-Encoding", "").strip().lower()
+    if coding not in DECODED_ENCODINGS | {"", "identity"}:
+        raise ApiError(415, "unsupported_content_encoding",
+                       f"Content-Encoding {coding!r} is not supported (use gzip, deflate, br or zstd, or none)")
     try:
         return await asyncio.wait_for(request.read(), timeout_s)
     except TimeoutError:
         raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s") from None
+    except PayloadEncodingError as exc:  # bad gzip/deflate data; the client's mistake, not a 500
+        raise ApiError(400, "invalid_content_encoding",
+                       f"the request body is not valid {coding or 'encoded'} data: {exc.message}") from None
+    except BadHttpMessage as exc:  # a broken chunked body and the like
+        raise ApiError(400, "invalid_body", f"the request body is malformed: {exc.message}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(body: bytes, empty: bytes = b"") -> Any:
+    """A request body as JSON, else 400 invalid_json: strict JSON (no NaN or Infinity), not nested past Python's
+    recursion limit (which would otherwise be a 500)."""
+    try:
+        return json.loads(body or empty, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "request body is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
 
 
 def error_response(error: ApiError) -> web.Response:
@@ -51,12 +88,23 @@ def error_response(error: ApiError) -> web.Response:
     return web.json_response(body, status=status, headers=headers)
 
 
+class ClientGone(Exception):
+    """The client went away while its answer was being written; the upstream is not to blame. Carries the
+    response already started, which is all a handler can still return."""
+
+    def __init__(self, response: web.StreamResponse, reason: str):
+        super().__init__(reason)
+        self.response = response
+
+
 async def stream_through(request: web.Request, upstream: aiohttp.ClientResponse, extra_headers: dict[str, str],
                          label: str, tail: ResponseTail | None = None) -> web.StreamResponse:
     """Copy an upstream response to the client as it arrives: status, headers (less hop-by-hop), body chunks.
 
     The body is never parsed. If the upstream breaks off mid-body, an SSE stream gets a final error event (the
-    status line is long gone), so a client sees an error rather than a silent cut.
+    status line is long gone), and any other body is cut off by closing the connection, so the client sees a short
+    answer at once instead of waiting for the bytes its Content-Length promised. A client that goes away raises
+    ClientGone (logged by the caller as the client's doing, not the model's).
     """
     async with upstream:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -66,18 +114,44 @@ async def stream_through(request: web.Request, upstream: aiohttp.ClientResponse,
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         response.headers.update(extra_headers)
-        await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
-                if tail is not None:
-                    tail.add(chunk, time.monotonic())
+            await response.prepare(request)
+        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
+            raise ClientGone(response, str(exc)) from None
+        chunks = upstream.content.iter_any()
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                await _upstream_cut(request, response, upstream, label, exc)
+                return response
+            if tail is not None:
+                tail.add(chunk, time.monotonic())
+            try:
                 await response.write(chunk)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            log.warning("upstream_cut", upstream=label, error=str(exc))
-            if "text/event-stream" in upstream.headers.get("Content-Type", ""):
-                event = {"error": {"message": f"{label} stopped mid-answer: {exc}",
-                                   "type": "server_error", "code": "upstream_failed"}}  # fmt: skip
-                await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-            return response
-        await response.write_eof()
+            except (ConnectionError, aiohttp.ClientConnectionError) as exc:
+                raise ClientGone(response, str(exc)) from None
+        try:
+            await response.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
+            raise ClientGone(response, str(exc)) from None
         return response
+
+
+async def _upstream_cut(request: web.Request, response: web.StreamResponse, upstream: aiohttp.ClientResponse,
+                        label: str, exc: Exception) -> None:
+    log.warning("upstream_cut", upstream=label, error=str(exc))
+    if "text/event-stream" in upstream.headers.get("Content-Type", "") and response.content_length is None:
+        event = {"error": {"message": f"{label} stopped mid-answer: {exc}", "type": "server_error",
+                           "code": "upstream_failed"}}  # fmt: skip
+        try:
+            await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            await response.write_eof()
+            return
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            pass
+    # A body with a declared length (or one we could not finish): the only honest end is closing the connection.
+    if request.transport is not None:
+        request.transport.close()

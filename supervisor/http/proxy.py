@@ -8,7 +8,6 @@ which closes the upstream request (llama-server then stops generating) and retur
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import aiohttp
@@ -20,12 +19,21 @@ from ..config import Config
 from ..records import RequestObserver, RequestRecord, ResponseTail
 from ..runtime import Runtime, Ticket
 from .cloud import CloudClient
-from .errors import NOT_FORWARDED_UP, ApiError, error_response, read_body, stream_through
+from .errors import (NOT_FORWARDED_UP, ApiError, ClientGone, error_response, parse_json, read_body,
+                     stream_through)
 
 log = structlog.get_logger("supervisor.proxy")
 
 # Failures that mean "the pooled connection was already closed": nothing reached llama-server's handler.
 STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+# A connection to a child that was just killed fails a few ms before the runtime sees the exit: wait this long
+# for it before deciding the child lives on. And resend at most this often (each waits for a restart).
+EXIT_NOTICE_S = 1.0
+MAX_RESENDS = 2
+
+
+class UpstreamUnreachable(Exception):
+    """No response byte came back from the model's server."""
 
 TRUE_VALUES, FALSE_VALUES = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 
@@ -59,10 +67,7 @@ class Proxy:
     async def openai(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
         body = await read_body(request, self.config.daemon.body_timeout_s)
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+        payload = parse_json(body)
         if not isinstance(payload, dict):
             raise ApiError(400, "invalid_request", "request body must be a JSON object")
         name = payload.get("model")
@@ -92,31 +97,54 @@ class Proxy:
     async def _serve(self, request: web.Request, requested: str, model: str, path: str, body: bytes,
                      local_only: bool, force: bool) -> web.StreamResponse:
         report = _Report(self, request, requested, model)
-        try:
-            ticket = await self.runtime.acquire(model, local_only=local_only, force=force)
-        except ApiError as refused:
-            report.done("rejected", "local", refused.status, None)
-            raise
-        except asyncio.CancelledError:
-            report.done("rejected", "local", 499, None)
-            raise
-        report.waited()
-        if ticket.upstream is None:
-            reason, target = ticket.reason or "unavailable", ticket.target or ""
-            forwarding = self.cloud.forward(request, body, target, model, reason, report.tail)
-            return await report.cloud(forwarding, target, reason)
-        try:
-            response = await self._forward(request, ticket, path, body, report.tail)
-            report.done("local", "local", response.status, None)
-            return response
-        except asyncio.CancelledError:
-            report.done("local", "local", 499, None)
-            raise
-        finally:
-            self.runtime.release(ticket)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.daemon.queue_timeout_s
+        resends = 0
+        while True:
+            try:
+                wait_s = None if not resends else max(0.0, deadline - loop.time())
+                ticket = await self.runtime.acquire(model, local_only=local_only, force=force, wait_s=wait_s)
+            except ApiError as refused:
+                report.done("rejected", "local", refused.status, None)
+                raise
+            except asyncio.CancelledError:
+                report.done("rejected", "local", 499, None)
+                raise
+            report.waited()
+            if ticket.upstream is None:
+                reason, target = ticket.reason or "unavailable", ticket.target or ""
+                forwarding = self.cloud.forward(request, body, target, model, reason, report.tail)
+                return await report.cloud(forwarding, target, reason)
+            try:
+                try:
+                    upstream = await self._open(request, ticket, path, body)
+                except UpstreamUnreachable as failure:
+                    # Refused or reset before any response byte. If its child has just died, no live server can
+                    # have read it: wait for the restart and send it there. If the child lives on, it may have.
+                    if resends < MAX_RESENDS and await self.runtime.upstream_gone(ticket, EXIT_NOTICE_S):
+                        resends += 1
+                        log.info("resend_after_child_exit", model=model, error=str(failure))
+                        continue  # the ticket is released below; the next one waits for the restart
+                    report.done("local", "local", 502, None)
+                    message = f"model {ticket.model!r} did not answer: {failure}"
+                    return error_response(ApiError(502, "upstream_unreachable", message))
+                label = f"model {ticket.model!r}"
+                response = await stream_through(request, upstream, {"X-Served-By": "local"}, label, report.tail)
+                report.done("local", "local", response.status, None)
+                return response
+            except asyncio.CancelledError:
+                report.done("local", "local", 499, None)  # the client went away: its request ends here
+                raise
+            except ClientGone as gone:
+                report.done("local", "local", 499, None)
+                log.info("client_gone", model=model, during="answer", error=str(gone))
+                return gone.response
+            finally:
+                self.runtime.release(ticket)
 
-    async def _forward(self, request: web.Request, ticket: Ticket, path: str, body: bytes,
-                       tail: ResponseTail) -> web.StreamResponse:
+    async def _open(self, request: web.Request, ticket: Ticket, path: str, body: bytes) -> aiohttp.ClientResponse:
+        """Send the request to the ticket's upstream; its response once the head is in. Raises UpstreamUnreachable
+        when no response byte came back (connection refused, reset or closed)."""
         assert ticket.upstream is not None
         url = ticket.upstream.base_url + path
         headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED_UP}
@@ -126,14 +154,13 @@ class Proxy:
             async for attempt in AsyncRetrying(retry=retry_if_exception_type(STALE_CONNECTION),
                                                stop=stop_after_attempt(2), reraise=True):
                 with attempt:
-                    upstream = await self.http.request(
+                    return await self.http.request(
                         request.method, url, params=request.query, data=body or None, headers=headers,
                         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
                     )
         except (aiohttp.ClientError, OSError) as exc:
-            return error_response(ApiError(502, "upstream_unreachable", f"model {ticket.model!r} did not answer: {exc}"))
-        return await stream_through(request, upstream, {"X-Served-By": "local"}, label=f"model {ticket.model!r}",
-                                    tail=tail)
+            raise UpstreamUnreachable(str(exc) or type(exc).__name__) from None
+        raise AssertionError("unreachable")  # AsyncRetrying either returns or raises
 
 
 class _Report:
@@ -153,6 +180,10 @@ class _Report:
     async def cloud(self, forwarding, target: str, reason: str) -> web.StreamResponse:
         try:
             response = await forwarding
+        except ClientGone as gone:
+            self.done("cloud", target, 499, reason)
+            log.info("client_gone", model=self.model, during="answer", error=str(gone))
+            return gone.response
         except ApiError as error:
             self.done("cloud", target, error.status, reason)
             raise
