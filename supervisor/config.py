@@ -23,7 +23,7 @@ LLAMA_SERVER_ENV = "LLAMA_SERVER"
 DEFAULT_GROUP = "default"
 
 # Flags the daemon sets itself on every child; an operator who sets them would fight the daemon.
-RESERVED_ARGS = {"--host", "--port", "-m", "--model", "--alias", "-a"}
+RESERVED_ARGS = {"--host", "--port", "-m", "--model", "--alias", "-a", "--slot-save-path"}
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 
@@ -114,6 +114,17 @@ class GpuConfig(Section):
     poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 2.0
 
 
+class PromptCacheConfig(Section):
+    """Saving llama-server's slots (its prompt cache) before a planned stop and restoring them after the next load."""
+
+    enabled: bool = True
+    # Disk for saved slots, all models together, least recently used evicted first. "auto": a tenth of the free
+    # space state_dir's filesystem has when the daemon starts, at most 64 GiB.
+    max_mb: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
+    # A stop never waits longer than this on saving; what is not saved by then is not saved.
+    save_timeout_s: Annotated[float, Field(gt=0, le=600)] = 5.0
+
+
 class GroupConfig(Section):
     swap: bool = True
     exclusive: bool = True
@@ -132,6 +143,7 @@ class ModelConfig(Section):
     fallback_after_ms: Annotated[int, Field(ge=0)] = 2000
     local_only: bool = False
     allow_in_gaming: bool = False
+    prompt_cache: bool = True  # off: this model's slots are never saved or restored
 
     @field_validator("vram_mb", mode="before")
     @classmethod
@@ -208,6 +220,7 @@ class Config(BaseSettings):
     cloud: dict[str, CloudConfig] = {}
     gaming: GamingConfig = GamingConfig()
     ledger: LedgerConfig = LedgerConfig()
+    prompt_cache: PromptCacheConfig = PromptCacheConfig()
 
     @classmethod
     def settings_customise_sources(

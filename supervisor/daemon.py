@@ -96,6 +96,8 @@ class Daemon:
         if self.children is None:
             self.children = LlamaChildren(self.live, http)
         runtime = self.runtime = Runtime(self.live, self.children, self.probe, learned, gaming)
+        if isinstance(self.children, LlamaChildren):
+            self.children.notify = runtime.notify
         await runtime.start()
         stack.push_async_callback(runtime.close)  # for a failed start; a normal stop closes it in _stop_serving
         live = self.live

@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .notices import ChildExited, ChildStopped, FellBack, LeaseFinished, LeaseGranted, LoadFailedNotice, LoadReady
-from .notices import LoadStarting, Notice
+from .notices import LoadStarting, Notice, PromptCacheRestored, PromptCacheSaved
 from .records import RequestRecord
 from .scheduler import Phase
 
@@ -52,6 +52,14 @@ class Metrics:
                                  ["model", "reason"], registry=r)  # fmt: skip
         self.leases = Counter(f"{PREFIX}_lease_events", "Leases granted, and ended by reason (released, expired, "
                               "holder_died)", ["event"], registry=r)  # fmt: skip
+        self.cache_ops = Counter(f"{PREFIX}_prompt_cache_operations", "Prompt-cache saves (before a stop) and restores "
+                                 "(after a load)", ["model", "operation"], registry=r)  # fmt: skip
+        self.cache_tokens = Counter(f"{PREFIX}_prompt_cache_tokens", "Tokens of prompt cache saved and restored",
+                                    ["model", "operation"], registry=r)  # fmt: skip
+        self.cache_bytes = Counter(f"{PREFIX}_prompt_cache_bytes", "Bytes of prompt cache written and read",
+                                   ["model", "operation"], registry=r)  # fmt: skip
+        self.cache_seconds = Histogram(f"{PREFIX}_prompt_cache_seconds", "Time spent saving or restoring slots",
+                                       ["model", "operation"], buckets=WAIT_BUCKETS, registry=r)  # fmt: skip
         r.register(_LiveState(snapshot))
 
     def on_notice(self, notice: Notice) -> None:
@@ -71,6 +79,12 @@ class Metrics:
                 self.leases.labels("granted").inc()
             case LeaseFinished():
                 self.leases.labels(notice.reason).inc()
+            case PromptCacheSaved() | PromptCacheRestored():
+                operation = "save" if isinstance(notice, PromptCacheSaved) else "restore"
+                self.cache_ops.labels(notice.model, operation).inc()
+                self.cache_tokens.labels(notice.model, operation).inc(notice.tokens)
+                self.cache_bytes.labels(notice.model, operation).inc(notice.bytes)
+                self.cache_seconds.labels(notice.model, operation).observe(notice.seconds)
 
     def on_request(self, record: RequestRecord) -> None:
         """A proxy observer."""

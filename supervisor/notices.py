@@ -105,3 +105,27 @@ class Prewarmed(Notice):
 class Reloaded(Notice):
     kind: ClassVar[str] = "reloaded"
     summary: dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class PromptCacheSaved(Notice):
+    """A model's slots were saved before a stop."""
+
+    kind: ClassVar[str] = "prompt_cache_saved"
+    model: str
+    slots: int
+    tokens: int
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PromptCacheRestored(Notice):
+    """A model's saved slots were restored after a load, before it was reported ready."""
+
+    kind: ClassVar[str] = "prompt_cache_restored"
+    model: str
+    slots: int
+    tokens: int
+    bytes: int
+    seconds: float

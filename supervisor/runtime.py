@@ -285,6 +285,7 @@ class Runtime:
             }
             self.live.current, self.live.binary = new, binary
             self.dispatch(ConfigReloaded(new, diff, needs, self.now()))
+            self.children.reloaded()
         log.info("config_reloaded", path=path, **{k: v for k, v in summary.items() if v})
         self.notify(Reloaded(summary))
         return summary

@@ -109,11 +109,12 @@ class RunningDaemon:
 
 
 def make_config(models: dict[str, dict], groups: dict | None = None, gpu: dict | None = None,
-                cloud: dict | None = None, gaming: dict | None = None, **daemon: Any) -> Config:
+                cloud: dict | None = None, gaming: dict | None = None, prompt_cache: dict | None = None,
+                **daemon: Any) -> Config:
     settings = {"listen": "127.0.0.1:8080", "port_range": [19100, 19899], "queue_timeout_s": 30,
                 "health_timeout_s": 30, "stop_timeout_s": 5, "drain_timeout_s": 10, **daemon}
     return parse_config({"daemon": settings, "groups": groups or {}, "models": models, "gpu": gpu or {},
-                         "cloud": cloud or {}, "gaming": gaming or {}})
+                         "cloud": cloud or {}, "gaming": gaming or {}, "prompt_cache": prompt_cache or {}})
 
 
 class DaemonStarter:
@@ -125,12 +126,13 @@ class DaemonStarter:
 
     async def __call__(self, models: dict[str, dict], groups: dict | None = None, probe=None, gpu: dict | None = None,
                        cloud: dict | None = None, gaming: dict | None = None, binary: str | None = None,
-                       config_path: str | None = None, children=None, **daemon: Any) -> RunningDaemon:
+                       config_path: str | None = None, children=None, prompt_cache: dict | None = None,
+                       **daemon: Any) -> RunningDaemon:
         daemon.setdefault("state_dir", str(self.tmp_path / "state"))
         if config_path is not None:  # a real file, as `run --config` reads it (and SIGHUP re-reads it)
             config = load_config(config_path)
         else:
-            config = make_config(models, groups, gpu, cloud, gaming, **daemon)
+            config = make_config(models, groups, gpu, cloud, gaming, prompt_cache, **daemon)
         if self.fake and children is None:
             children = FakeChildren()
         if self.fake and probe is None:

@@ -67,6 +67,12 @@ class FakeChildren:
     def log_lines(self, model: str) -> list[str]:
         return []
 
+    def saved_prompts(self, model: str) -> dict | None:
+        return None
+
+    def reloaded(self) -> None:
+        pass
+
     def pids(self) -> list[int]:
         return list(self.running.values())
 

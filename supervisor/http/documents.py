@@ -25,6 +25,7 @@ class StatusSnapshot:
     memory: list[dict[str, Any]]  # one document per device (one today: [gpu] device)
     leases: list[dict[str, Any]]
     leases_queued: int
+    prompt_cache: dict[str, dict[str, Any] | None]  # model -> saved tokens, bytes, slots, age_s (None: nothing)
 
     def document(self) -> dict[str, Any]:
         """GET /status."""
@@ -56,6 +57,7 @@ class StatusSnapshot:
             "fallback": model.fallback if model is not None else None,
             "allow_in_gaming": model.allow_in_gaming if model is not None else False,
             "last_error": view.last_error,
+            "prompt_cache": self.prompt_cache.get(view.name),
         }
 
 
@@ -73,6 +75,7 @@ def take_snapshot(runtime: Runtime) -> StatusSnapshot:
             for lease in core.leases.values()
         ],  # fmt: skip
         leases_queued=sum(1 for w in core.waiters.values() if w.kind == "lease"),
+        prompt_cache={name: runtime.children.saved_prompts(name) for name in core.models},
     )
 
 
