@@ -230,6 +230,12 @@ def render_status(document: dict[str, Any]) -> str:
         rows.append((name, model["state"], str(model.get("pid") or "-"), str(model.get("port") or "-"), vram,
                      str(model.get("in_flight", 0)), str(model.get("queued", 0)), ttl, load, note))  # fmt: skip
     lines = [table(rows), ""]
+    cached = [(name, model["prompt_cache"]) for name, model in document.get("models", {}).items()
+              if model.get("prompt_cache")]
+    if cached:
+        lines.append("prompt cache: " + "; ".join(
+            f"{name} {c['tokens']} tokens in {c['slots']} slot{'s' if c['slots'] != 1 else ''} "
+            f"({c['bytes'] / 2**20:.1f} MB, saved {c['age_s']:.0f}s ago)" for name, c in cached))
     for device in document.get("memory", []):
         lines.append(f"memory: {device['device']} ({device['backend']}, budget on {device['pool']}): "
                      f"{device['used_mb']} of {device['total_mb']} MB used, {device['free_mb']} MB free")
