@@ -112,6 +112,12 @@ class GpuConfig(Section):
     reserve_mb: Annotated[int, Field(ge=0)] = 1024
     # How often device memory is read (foreign usage, lease holders' growth).
     poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # Yield to programs the daemon does not manage: when what they hold grows so that resident models and leases no
+    # longer fit, idle models are unloaded (busy ones drain) until they do. Acts only on an overflow of at least
+    # yield_margin_mb, at most once per yield_interval_s, so a program whose use wobbles does not make models flap.
+    yield_to_others: bool = True
+    yield_margin_mb: Annotated[int, Field(ge=0)] = 256
+    yield_interval_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
 
 
 class PromptCacheConfig(Section):

@@ -8,6 +8,7 @@ game exits and another starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -74,9 +75,16 @@ class GamingStore:
             return False
 
     def save(self, enabled: bool) -> None:
+        temp: str | None = None
         try:
             with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as handle:
+                temp = handle.name
                 json.dump({"enabled": enabled}, handle)
-            os.replace(handle.name, self.path)
+            os.replace(temp, self.path)
+            temp = None
         except OSError as exc:
             log.warning("gaming_state_not_saved", path=str(self.path), error=str(exc))
+        finally:
+            if temp is not None:  # a full disk fails the write or the close: leave no half-written file behind
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)

@@ -5,7 +5,8 @@
 - Readiness: /health is polled from the first milliseconds with a short backoff, and checked again at once whenever
   the child prints something (it logs as it comes up), so ready is seen within a few ms of being true.
 - An early exit is seen at once (the exit races the poll) and reported with the child's last lines.
-- Stop: SIGTERM to the group, SIGKILL after a bound.
+- Stop: SIGTERM to the group, SIGKILL after a bound; done once no process of the group is left, so a wrapper
+  script that runs llama-server without exec is stopped whole too.
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ import ctypes
 import os
 import signal
 import socket
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 HOST = "127.0.0.1"
 PR_SET_PDEATHSIG = 1
 FIRST_POLL_S = 0.002
 MAX_POLL_S = 0.1
 BIND_FAILURE_MARKERS = ("couldn't bind", "address already in use", "failed to bind")
+# After the group's SIGKILL: how long its members may take to exit (a GPU context can take seconds to tear down).
+GROUP_EXIT_S = 10.0
 
 # Variables a child may need to find its GPU, libraries and locale. Everything else (cloud keys, tokens,
 # NOTIFY_SOCKET) stays with the daemon.
@@ -138,6 +143,76 @@ def prewarm(paths: Iterable[Path]) -> int:
     return total
 
 
+def _stat(pid: int | str) -> tuple[bytes, int, int] | None:
+    """(state, parent pid, process group) of a process from /proc, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+    return (fields[0], int(fields[1]), int(fields[2])) if len(fields) > 2 else None
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (a zombie has let go of its ports and memory)."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] not in (b"Z", b"X")
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group `pgid`, zombies not counted."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []  # the common case, answered without reading /proc
+    except PermissionError:
+        pass
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    members = []
+    for name in names:
+        if name.isdigit() and (stat := _stat(name)) is not None and stat[2] == pgid and stat[0] not in (b"Z", b"X"):
+            members.append(int(name))
+    return members
+
+
+def start_time(pid: int) -> float | None:
+    """When the process started (seconds since the epoch, as psutil reads it), None if it is gone. With the pid it
+    names one process: a pid reused later has another start time."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def option_value(command: list[str], option: str) -> str | None:
+    """The value after `option` in an argument list (`--port 5800`), None if absent."""
+    for index, word in enumerate(command[:-1]):
+        if word == option:
+            return command[index + 1]
+    return None
+
+
+def kill_and_wait(pgids: Iterable[int], pids: Iterable[int], timeout_s: float = GROUP_EXIT_S) -> list[int]:
+    """SIGKILL these process groups and processes, and wait (polling: they are not our children) until none is
+    left, at most timeout_s. Returns the pids still alive then. Blocking: for startup, before anything serves."""
+    pgids, pids = list(pgids), list(pids)
+    for kill, target in [(os.killpg, pgid) for pgid in pgids] + [(os.kill, pid) for pid in pids]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(target, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    delay = FIRST_POLL_S
+    while True:
+        left = [pid for pgid in pgids for pid in group_members(pgid)] + [pid for pid in pids if alive(pid)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(delay)
+        delay = min(delay * 1.5, MAX_POLL_S)
+
+
 def _die_with_parent(parent_pid: int) -> None:
     # Runs in the child between fork and exec: only async-signal-safe work here.
     if _prctl is not None:
@@ -169,6 +244,7 @@ class LlamaServer:
         self.port: int | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.stopping = False
+        self.on_spawn: Callable[[LlamaServer], None] | None = None  # the owner records what runs, for a restart
         self._reader: asyncio.Task[None] | None = None
 
     @property
@@ -203,6 +279,8 @@ class LlamaServer:
             preexec_fn=lambda: _die_with_parent(parent),
         )
         self._reader = asyncio.create_task(self._read_output(self.proc.stdout))
+        if self.on_spawn is not None:
+            self.on_spawn(self)
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Return once /health answers 200; raise LoadError on early exit or after timeout_s."""
@@ -260,25 +338,54 @@ class LlamaServer:
     async def wait(self) -> int:
         assert self.proc is not None
         code = await self.proc.wait()
+        if not self.stopping and group_members(self.proc.pid):
+            # A wrapper that died on its own leaves its llama-server holding the port and the memory: none may
+            # outlive the child we know. (A stop in progress gives the group its grace instead.)
+            self.log.mark("the child exited; stopping what is left of its process group")
+            self._signal_group(signal.SIGKILL)
+            await self._group_gone(GROUP_EXIT_S)
         await self._drain_output()
         return code
 
     async def stop(self, grace_s: float) -> None:
-        """SIGTERM the group, SIGKILL it after grace_s. Safe to call more than once."""
+        """SIGTERM the group, SIGKILL it after grace_s; return once none of it is left. Safe to call more than
+        once."""
         self.stopping = True
         if self.proc is None:
             return
         if self.proc.returncode is None:
             self._signal_group(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self.proc.wait(), grace_s)
+                # The whole group gets the grace: behind a wrapper that does not exec, the shell exits at once
+                # and llama-server is still shutting down.
+                await asyncio.wait_for(self._exited_whole(), grace_s)
             except TimeoutError:
                 self.log.mark(f"no exit {grace_s:g} s after SIGTERM: SIGKILL")
                 self._signal_group(signal.SIGKILL)
                 await self.proc.wait()
         # The group may hold helpers the child forked; none may outlive it.
         self._signal_group(signal.SIGKILL)
+        if not await self._group_gone(GROUP_EXIT_S):
+            self.log.mark(f"process group {self.proc.pid} still has members {GROUP_EXIT_S:g} s after SIGKILL")
         await self._drain_output()
+
+    async def _exited_whole(self) -> None:
+        assert self.proc is not None
+        await self.proc.wait()
+        await self._group_gone(None)
+
+    async def _group_gone(self, timeout_s: float | None) -> bool:
+        """Poll (they may not be our children) until no member of the child's group is left; False on timeout."""
+        assert self.proc is not None
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        delay = FIRST_POLL_S
+        while group_members(self.proc.pid):
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, MAX_POLL_S)
+        return True
 
     def _signal_group(self, signum: int) -> None:
         assert self.proc is not None

@@ -348,7 +348,7 @@ class Runtime:
                     load.stop_cause = action.cause
                     load.task.cancel()  # its cleanup stops the child and reports StopCompleted with this cause
                 else:
-                    self.spawn(self._stop(action.model, action.instance, action.cause))
+                    self.spawn(self._stop(action.model, action.instance, action.cause, action.detail))
 
     def _arm_timer(self) -> None:
         wakeup = self.core.next_wakeup()
@@ -431,14 +431,14 @@ class Runtime:
         log.info("prewarm", model=name, mb=asked // 2**20, ms=self._ms(started))
         self.notify(Prewarmed(name, asked))
 
-    async def _stop(self, name: str, instance: int, cause: StopCause) -> None:
+    async def _stop(self, name: str, instance: int, cause: StopCause, detail: str = "") -> None:
         started = self.now()
         pid = None
         try:
             pid = await self.children.stop(name, cause)
         except Exception:  # reported all the same: the core must not wait forever on a stop
             log.exception("stop_failed", model=name, cause=cause)
-        log.info("model_unloaded", model=name, cause=cause, stop_ms=self._ms(started))
+        log.info("model_unloaded", model=name, cause=cause, stop_ms=self._ms(started), **({"why": detail} if detail else {}))
         self.notify(ChildStopped(name, cause, pid))
         self.dispatch(StopCompleted(name, instance, self.now()))
 

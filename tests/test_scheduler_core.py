@@ -47,13 +47,14 @@ class Sim:
     """Drives a SchedulerCore the way the driver would, with a hand-moved clock."""
 
     def __init__(self, models: dict, groups: dict | None = None, queue_timeout_s: float = 30,
-                 needs: dict[str, int] | None = None, reserve_mb: int = 0, scheduler: dict | None = None):
+                 needs: dict[str, int] | None = None, reserve_mb: int = 0, scheduler: dict | None = None,
+                 gpu: dict | None = None):
         config = parse_config(
             {
                 "daemon": {"queue_timeout_s": queue_timeout_s},
                 "scheduler": scheduler or {},
                 "cloud": {"frontier": {"base_url": "http://127.0.0.1:9/v1", "model": "big-model"}},
-                "gpu": {"reserve_mb": reserve_mb},
+                "gpu": {"reserve_mb": reserve_mb, **(gpu or {})},
                 "groups": groups or {},
                 "models": {name: {"model": f"/m/{name}.gguf", **spec} for name, spec in models.items()},
             }
@@ -739,3 +740,67 @@ def test_reload_adds_models():
     r, actions = sim.request("n")
     assert kinds(actions) == [("start", "n")]
     assert sim.core.models["n"].need_mb == 10
+
+
+# ---------------------------------------------------------------- yielding to other programs' memory
+
+
+def test_when_other_programs_grow_the_lowest_priority_idle_model_yields():
+    sim = memory_sim()
+    sim.serve("p")
+    sim.serve("q")
+    actions = sim.measure(10_000, used_mb=8000 + 3000)  # another program took 3000 MB: 1000 MB too many
+    assert kinds(actions) == [("stop", "p", "memory_pressure")]
+    assert "3000 MB" in sim.core.models["p"].last_stop[1]
+    sim.stopped("p")
+    assert sim.phase("q") is Phase.READY
+    (view,) = [v for v in model_views(sim.core, sim.now) if v.name == "p"]
+    assert view.last_stop["cause"] == "memory_pressure"
+
+
+def test_an_overflow_below_the_margin_changes_nothing():
+    sim = memory_sim(gpu={"yield_margin_mb": 500})
+    sim.serve("p")
+    sim.serve("q")
+    assert sim.measure(10_000, used_mb=8000 + 2400) == []  # 400 MB over: within the margin
+
+
+def test_yielding_can_be_turned_off():
+    sim = memory_sim(gpu={"yield_to_others": False})
+    sim.serve("p")
+    sim.serve("q")
+    assert sim.measure(10_000, used_mb=8000 + 5000) == []
+
+
+def test_decisions_are_at_least_yield_interval_apart_so_models_do_not_flap():
+    sim = memory_sim(gpu={"yield_interval_s": 10})
+    sim.serve("p")
+    sim.serve("q")
+    assert kinds(sim.measure(10_000, used_mb=8000 + 3000)) == [("stop", "p", "memory_pressure")]
+    sim.stopped("p")
+    sim.now += 1
+    assert sim.measure(10_000, used_mb=4000 + 7000) == []  # grew again, 1 s later: not yet
+    sim.now += 10
+    assert kinds(sim.measure(10_000, used_mb=4000 + 7000)) == [("stop", "q", "memory_pressure")]
+
+
+def test_a_busy_model_drains_before_it_yields_and_idle_ones_go_first():
+    sim = memory_sim()
+    busy, _ = sim.request("p")
+    sim.loaded("p")
+    sim.serve("q")  # idle, higher priority: still goes before the busy one
+    assert kinds(sim.measure(10_000, used_mb=8000 + 3000)) == [("stop", "q", "memory_pressure")]
+    sim.stopped("q")
+    sim.now += 11
+    actions = sim.measure(10_000, used_mb=4000 + 7000)
+    assert actions == [] and sim.core.models["p"].unload_requested  # drains: its request finishes first
+    assert kinds(sim.finish(busy)) == [("stop", "p", "memory_pressure")]
+
+
+def test_a_persistent_model_yields_last():
+    groups = {**INDEPENDENT, "keep": {"swap": True, "exclusive": False, "persistent": True}}
+    models = {"p": {"group": "keep"}, "q": {"group": "y", "priority": 5}, "r": {"group": "z"}}
+    sim = memory_sim(models=models, groups=groups)
+    sim.serve("p")
+    sim.serve("q")
+    assert kinds(sim.measure(10_000, used_mb=8000 + 3000)) == [("stop", "q", "memory_pressure")]

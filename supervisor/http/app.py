@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,13 +17,14 @@ from typing import Any
 import psutil
 import structlog
 from aiohttp import web
+from yarl import URL
 
 from ..config import Config, ConfigError
 from ..ledger import Ledger
 from ..metrics import Metrics
 from ..runtime import Runtime
 from .documents import StatusSnapshot, take_snapshot
-from .errors import ApiError, error_response, read_body
+from .errors import ApiError, error_response, parse_json, read_body
 from .proxy import Proxy, unknown_model_error
 from .site import HeadDeadlines
 
@@ -32,6 +35,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DASHBOARD = Path(__file__).parent.parent / "static" / "dashboard.html"
 EVENTS_KEEPALIVE_S = 15.0
 EVENTS_COALESCE_S = 0.1  # a swap is several state changes in a few ms: one event for them
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+HOST_HEADER = re.compile(r"^(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<name>[^:\[\]/@\s]+))(?::(?P<port>\d{1,5}))?$")
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class Api:
@@ -68,7 +74,7 @@ class Api:
             web.get("/usage", self.usage),
             web.get("/metrics", self.prometheus),
             web.get("/running", self.running),
-            web.get("/logs/{model}", self.logs),
+            web.get("/logs/{model}", self.admin(self.logs)),  # a child's output can hold prompts
             web.post("/models/{model}/load", self.admin(self.load)),
             web.post("/models/{model}/unload", self.admin(self.unload)),
             web.post("/unload", self.admin(self.unload_all)),
@@ -90,6 +96,17 @@ class Api:
     async def errors_as_json(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self.heads.head_received(request.protocol)  # the head is in: the slow-head deadline is off
         try:
+            if not self._host_allowed(request.headers.get("Host")):
+                # DNS rebinding: a web page whose name now points at 127.0.0.1 would otherwise reach the API.
+                message = (f"Host {request.headers.get('Host')!r} is not this daemon's address; list it in "
+                           "[daemon] allowed_hosts to accept it")
+                return error_response(ApiError(421, "host_not_allowed", message))
+            declared = request.content_length
+            if declared is not None and declared > request.client_max_size:
+                # Refused from the head alone: no point waiting for (or reading) a body we will not take.
+                response = error_response(ApiError(413, "body_too_large", self._too_large()))
+                response.force_close()
+                return response
             return await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -97,24 +114,91 @@ class Api:
             code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "http_error")
             message = exc.text or exc.reason
             if exc.status == 413:
-                message = f"request body is larger than max_body_mb ({self.config.daemon.max_body_mb:g} MB)"
+                message = self._too_large()
             elif exc.status == 404:
                 message = f"no such endpoint: {request.method} {request.path}"
             return error_response(ApiError(exc.status, code, message))
         except ApiError as error:
             response = error_response(error)
-            if error.status == 408:
-                response.force_close()  # the rest of a slow body is still coming: this connection is done
+            if error.status == 408 or request.content.exception() is not None:
+                # The rest of a slow body is still coming, or the body is broken: this connection is done.
+                response.force_close()
             return response
         except Exception:
             # Nothing a client sends may take the daemon down; the traceback goes to the log, not the client.
             log.exception("handler_failed", path=request.path, method=request.method)
             return error_response(ApiError(500, "internal_error", "internal error; see the daemon's log"))
 
+    def _too_large(self) -> str:
+        return f"request body is larger than max_body_mb ({self.config.daemon.max_body_mb:g} MB)"
+
+    def _host_allowed(self, value: str | None) -> bool:
+        """Whether a Host header names this daemon: a loopback name, the listen host, or [daemon] allowed_hosts."""
+        if value is None:
+            return True  # HTTP/1.0 without Host: no browser sends that (aiohttp refuses it on HTTP/1.1)
+        daemon = self.config.daemon
+        if "*" in daemon.allowed_hosts:
+            return True
+        parsed = split_host(value)
+        if parsed is None:
+            return False
+        host = parsed[0]
+        listen = normal_host(daemon.host)
+        if host in LOOPBACK_NAMES or host == listen or host in {normal_host(h) for h in daemon.allowed_hosts}:
+            return True
+        # A wildcard bind answers on every address; an address (not a name) cannot be a rebound name.
+        return listen in ("0.0.0.0", "::") and _is_address(host)
+
+    def _cross_origin(self, request: web.Request) -> str | None:
+        """Why a request comes from another site's page (a browser says so in Sec-Fetch-Site and Origin), else
+        None. Clients that are not browsers send neither. An Origin naming one of allowed_hosts is the operator's
+        own (a reverse proxy in front)."""
+        site = request.headers.get("Sec-Fetch-Site", "").strip().lower()
+        if site in ("cross-site", "same-site"):
+            return f"Sec-Fetch-Site is {site}"
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return None
+        try:
+            url = URL(origin.strip())
+            port = url.explicit_port or DEFAULT_PORTS.get(url.scheme)
+        except ValueError:
+            return f"Origin {origin!r} is not a URL"
+        listed = {normal_host(h) for h in self.config.daemon.allowed_hosts if h != "*"}
+        if url.host is not None and normal_host(url.host) in listed:
+            return None
+        own = split_host(request.headers.get("Host", ""))
+        if url.host is None or own is None or normal_host(url.host) != own[0] or (own[1] or port) != port:
+            return f"Origin {origin!r} is not this daemon's"
+        return None
+
     def admin(self, handler: Handler) -> Handler:
-        """Admin endpoints need the admin token, when one is configured."""
-        return self._guard(handler, lambda: [self.admin_token] if self.admin_token else [],
-                           "this endpoint needs Authorization: Bearer <admin token>")
+        """Admin endpoints need the admin token, when one is configured, a request from this daemon's own origin
+        (no cross-site request forgery), and a JSON body if they get a body at all."""
+        guarded = self._guard(self._json_only(handler), lambda: [self.admin_token] if self.admin_token else [],
+                              "this endpoint needs Authorization: Bearer <admin token>")
+
+        async def same_origin(request: web.Request) -> web.StreamResponse:
+            why = self._cross_origin(request)
+            if why is not None:
+                message = f"admin endpoints only take requests from this daemon's own pages ({why})"
+                return error_response(ApiError(403, "cross_origin", message))
+            return await guarded(request)
+
+        return same_origin
+
+    @staticmethod
+    def _json_only(handler: Handler) -> Handler:
+        async def json_only(request: web.Request) -> web.StreamResponse:
+            # A form or text/plain body is what a cross-site page can send without asking; an empty body (the
+            # CLI's bodiless POSTs) says nothing, whatever its type.
+            has_body = request.body_exists and request.content_length != 0
+            if has_body and request.content_type != "application/json":
+                message = f"this endpoint takes Content-Type: application/json, not {request.content_type!r}"
+                return error_response(ApiError(415, "unsupported_media_type", message))
+            return await handler(request)
+
+        return json_only
 
     def inference(self, handler: Handler) -> Handler:
         """Inference endpoints need the API key (or the admin token), when an API key is configured."""
@@ -125,15 +209,16 @@ class Api:
     def _guard(handler: Handler, accepted: Callable[[], list[str]], message: str) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
             keys = accepted()
-            if keys:
-                given = request.headers.get("Authorization", "").encode()
-                # Compare against every accepted key, in constant time each, so timing says nothing.
-                matches = [hmac.compare_digest(given, f"Bearer {key}".encode()) for key in keys]
-                if not any(matches):
-                    return error_response(ApiError(401, "unauthorized", message))
+            if keys and not authorized(request, keys):
+                return error_response(ApiError(401, "unauthorized", message))
             return await handler(request)
 
         return guarded
+
+    def _shows_ports(self, request: web.Request) -> bool:
+        """With an API key, the children's pids and ports are for its holders only: a child's port takes
+        requests without the key."""
+        return not self.api_key or authorized(request, [k for k in (self.api_key, self.admin_token) if k])
 
     # ------------------------------------------------------------ status
 
@@ -182,15 +267,23 @@ class Api:
         message = f"model {model!r} cannot be served locally now (it is {view.state})"
         return error_response(ApiError(503, "model_not_ready", message, extra=body))
 
+    def _status_document(self, shows_ports: bool) -> dict[str, Any]:
+        document = self._snapshot().document()
+        if not shows_ports:
+            for model in document["models"].values():
+                model["pid"] = model["port"] = None
+        return document
+
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self._snapshot().document())
+        return web.json_response(self._status_document(self._shows_ports(request)))
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: the /status document now and after every change (bursts coalesced)."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        shows_ports = self._shows_ports(request)
         await response.prepare(request)
         while not self.runtime.closing:  # a shutdown ends the stream (else the server would wait on it)
-            document = json.dumps(self._snapshot().document())
+            document = json.dumps(self._status_document(shows_ports))
             await response.write(f"event: status\ndata: {document}\n\n".encode())
             with contextlib.suppress(TimeoutError):  # nothing changed for a while: send it again as a keep-alive
                 await asyncio.wait_for(self.runtime.next_change(), EVENTS_KEEPALIVE_S)
@@ -199,8 +292,10 @@ class Api:
 
     async def running(self, request: web.Request) -> web.Response:
         """llama-swap's /running: the models that hold a process."""
+        shows = self._shows_ports(request)
         running = [
-            {"model": v.name, "state": v.state, "pid": v.pid, "port": v.port, "ttl": v.ttl_s}
+            {"model": v.name, "state": v.state, "pid": v.pid if shows else None, "port": v.port if shows else None,
+             "ttl": v.ttl_s}
             for v in self._snapshot().models.values()
             if v.state in ("loading", "ready", "unloading")
         ]
@@ -225,10 +320,7 @@ class Api:
         return web.json_response({"enabled": self.runtime.gaming})
 
     async def set_gaming_mode(self, request: web.Request) -> web.Response:
-        try:
-            payload = json.loads(await read_body(request, self.config.daemon.body_timeout_s) or b"null")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+        payload = parse_json(await read_body(request, self.config.daemon.body_timeout_s), empty=b"null")
         if not isinstance(payload, dict) or not isinstance(payload.get("enabled"), bool):
             raise ApiError(400, "invalid_request", 'body must be {"enabled": true} or {"enabled": false}')
         self.runtime.set_gaming(payload["enabled"], source="api")
@@ -299,15 +391,51 @@ class Api:
         return web.json_response({"id": lease_id, "released": True})
 
 
+def normal_host(host: str) -> str:
+    return host.strip("[]").rstrip(".").lower()
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """A Host header as (host, port): lower-case, IPv6 without brackets; None if it is not host[:port]."""
+    match = HOST_HEADER.match(value.strip().lower())
+    if match is None:
+        return None
+    return normal_host(match["v6"] or match["name"]), int(match["port"]) if match["port"] else None
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def authorized(request: web.Request, keys: list[str]) -> bool:
+    """Whether the request carries `Authorization: Bearer <one of keys>` (the scheme in any case, RFC 9110)."""
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    given = token.strip().encode()
+    # Compare against every accepted key, in constant time each, so timing says nothing.
+    matches = [hmac.compare_digest(given, key.encode()) for key in keys]
+    return scheme.lower() == "bearer" and any(matches)
+
+
 LEASE_DEFAULTS = {"owner": "unnamed", "priority": 50, "pid": None, "ttl_s": 300.0, "wait_s": 30.0}
+# What a client may ask for: finite, and within what a lease can mean.
+LEASE_RANGES = {"vram_mb": (1, 2**31), "ttl_s": (1, 7 * 86400), "wait_s": (0, 3600), "priority": (-(2**31), 2**31)}
+PID_MAX_FILE = Path("/proc/sys/kernel/pid_max")
+
+
+def pid_max() -> int:
+    try:
+        return int(PID_MAX_FILE.read_text())
+    except (OSError, ValueError):
+        return 2**22  # Linux's ceiling for pid_max
 
 
 def lease_fields(body: bytes) -> dict[str, Any]:
     """Validate a POST /leases body into request_lease's arguments; bad input is a 400 naming the field."""
-    try:
-        payload = json.loads(body or b"{}")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    payload = parse_json(body, empty=b"{}")
     if not isinstance(payload, dict):
         raise ApiError(400, "invalid_request", "request body must be a JSON object")
     unknown = set(payload) - {"vram_mb", *LEASE_DEFAULTS}
@@ -315,26 +443,28 @@ def lease_fields(body: bytes) -> dict[str, Any]:
         raise ApiError(400, "invalid_request", f"unknown field(s): {', '.join(sorted(unknown))}")
     fields = {**LEASE_DEFAULTS, **payload}
 
-    def number(name: str, minimum: float, whole: bool = False) -> None:
+    def number(name: str, whole: bool = False) -> None:
         value = fields[name]
+        low, high = LEASE_RANGES[name]
         kind = int if whole else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+        # A range check also refuses inf (1e400 parses as inf) and NaN (no comparison holds).
+        if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
             what = "a whole number" if whole else "a number"
-            raise ApiError(400, "invalid_request", f"'{name}' must be {what} >= {minimum:g}")
+            raise ApiError(400, "invalid_request", f"'{name}' must be {what} from {low} to {high}")
 
     if "vram_mb" not in payload:
         raise ApiError(400, "invalid_request", "'vram_mb' is required: the memory to hold, in MB")
-    number("vram_mb", 1, whole=True)
-    number("ttl_s", 1)
-    number("wait_s", 0)
-    if isinstance(fields["priority"], bool) or not isinstance(fields["priority"], int):
-        raise ApiError(400, "invalid_request", "'priority' must be a whole number")
+    number("vram_mb", whole=True)
+    number("ttl_s")
+    number("wait_s")
+    number("priority", whole=True)
     if not isinstance(fields["owner"], str) or not 0 < len(fields["owner"]) <= 100:
         raise ApiError(400, "invalid_request", "'owner' must be a non-empty string of at most 100 characters")
     pid = fields["pid"]
     if pid is not None:
-        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
-            raise ApiError(400, "invalid_request", "'pid' must be a positive whole number")
+        highest = pid_max()
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid <= highest:
+            raise ApiError(400, "invalid_request", f"'pid' must be a whole number from 1 to {highest} (pid_max)")
         if not psutil.pid_exists(pid):
             raise ApiError(400, "invalid_request", f"'pid' {pid} is not a running process")
     return {"owner": fields["owner"], "mb": fields["vram_mb"], "priority": fields["priority"], "pid": pid,

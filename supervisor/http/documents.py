@@ -58,6 +58,7 @@ class StatusSnapshot:
             "allow_in_gaming": model.allow_in_gaming if model is not None else False,
             "last_error": view.last_error,
             "prompt_cache": self.prompt_cache.get(view.name),
+            "last_stop": view.last_stop,
         }
 
 

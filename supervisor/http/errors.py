@@ -54,11 +54,16 @@ async def read_body(request: web.Request, timeout_s: float) -> bytes:
         return await asyncio.wait_for(request.read(), timeout_s)
     except TimeoutError:
         raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s") from None
-    except PayloadEncodingError as exc:  # bad gzip/deflate data; the client's mistake, not a 500
-        raise ApiError(400, "invalid_content_encoding",
-                       f"the request body is not valid {coding or 'encoded'} data: {exc.message}") from None
-    except BadHttpMessage as exc:  # a broken chunked body and the like
-        raise ApiError(400, "invalid_body", f"the request body is malformed: {exc.message}") from None
+    except web.RequestPayloadError as exc:  # the client's mistake, not a 500
+        # Nothing more is read from this body (aiohttp's lingering read would raise it again and log a traceback);
+        # the answer closes the connection (see the API's middleware).
+        request.content.feed_eof()
+        cause = exc.__cause__
+        if isinstance(cause, PayloadEncodingError):  # bad gzip/deflate data
+            raise ApiError(400, "invalid_content_encoding",
+                           f"the request body is not valid {coding} data: {cause.message}") from None
+        detail = cause.message if isinstance(cause, BadHttpMessage) else str(exc)  # a broken chunked body...
+        raise ApiError(400, "invalid_body", f"the request body is malformed: {detail}") from None
 
 
 def _no_constant(name: str) -> Any:
@@ -109,7 +114,7 @@ async def stream_through(request: web.Request, upstream: aiohttp.ClientResponse,
     async with upstream:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for key, value in upstream.headers.items():
-            if key.lower() not in HOP_BY_HOP:
+            if key.lower() not in NOT_FORWARDED_DOWN:
                 response.headers.add(key, value)
         if upstream.content_length is not None:
             response.content_length = upstream.content_length

@@ -4,6 +4,9 @@ aiohttp has no such timeout: a client trickling header bytes (slowloris) would h
 new connection gets a deadline, keyed by its protocol object (never by id(), which a later connection may
 reuse); the API's middleware calls it off when a head arrives. A connection still without a head at its deadline
 gets a 408 and is closed. (A slow head on a later keep-alive request is bounded by keepalive_timeout_s.)
+
+Requests aiohttp cannot parse (a bad request line or header) never reach the application's middleware; their
+connections get a `JsonErrorHandler`, so those answers are OpenAI-style JSON too.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import asyncio
 import json
 
 from aiohttp import web
+
+from ..errors import ApiError
+from .errors import error_response
 
 _HEAD_TIMEOUT_BODY = json.dumps({"error": {"message": "the request head did not arrive in time",
                                            "type": "invalid_request_error", "code": "header_timeout"}}).encode()
@@ -54,6 +60,36 @@ class HeadDeadlines:
         self._pending.clear()
 
 
+class JsonErrorHandler(web.RequestHandler):
+    """aiohttp's connection handler, answering what its parser refuses as JSON instead of text/plain."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs it; raises if a response is already going out
+        if status >= 500:
+            error = ApiError(status, "internal_error", "internal error; see the daemon's log")
+        else:
+            reason = message or "bad request"
+            error = ApiError(status, "bad_http_request", f"the request could not be parsed: {reason}")
+        response = error_response(error)
+        response.force_close()
+        return response
+
+
+def new_handler(server: web.Server) -> web.RequestHandler:
+    """What `server()` returns, as a JsonErrorHandler. It needs the server's handler settings, which aiohttp keeps
+    in private attributes: if they are not there, the plain handler (text/plain parse errors) is no worse."""
+    kwargs, loop = getattr(server, "_kwargs", None), getattr(server, "_loop", None)
+    if isinstance(kwargs, dict) and loop is not None:
+        try:
+            return JsonErrorHandler(server, loop=loop, **kwargs)
+        except TypeError:
+            pass
+    return server()
+
+
 class HeadDeadlineSite(web.BaseSite):
     def __init__(self, runner: web.BaseRunner, host: str, port: int, deadlines: HeadDeadlines):
         super().__init__(runner)
@@ -70,7 +106,7 @@ class HeadDeadlineSite(web.BaseSite):
         assert factory is not None
 
         def connection() -> asyncio.Protocol:
-            handler = factory()
+            handler = new_handler(factory)
             self._deadlines.connected(handler)
             return handler
 

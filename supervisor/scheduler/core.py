@@ -64,6 +64,7 @@ class SchedulerCore:
         # ranked before that waiter may still be served.
         self.doomed: dict[str, Rank] = {}
         self.short_of_memory: set[str] = set()  # models whose placement waits for memory
+        self._last_yield = float("-inf")  # when models were last unloaded for other programs' memory
         self.gaming = False
         self._seq = 0
 
@@ -249,6 +250,7 @@ class SchedulerCore:
                 self.short_of_memory.add(state.name)
 
         self.doomed = doomed
+        actions += self._yield_to_others(now)
         actions += self._expire_idle(now)
         return actions
 
@@ -520,6 +522,38 @@ class SchedulerCore:
         self.waiters.pop(waiter.request_id, None)
         return Reject(waiter.request_id, waiter.model, status, code, message, retry_after_s)
 
-    def _stop(self, state: ModelState, cause: StopCause) -> StopProcess:
+    def _stop(self, state: ModelState, cause: StopCause, detail: str = "") -> StopProcess:
         state.phase = Phase.UNLOADING
-        return StopProcess(state.name, state.instance, cause)
+        state.last_stop = (cause, detail)
+        return StopProcess(state.name, state.instance, cause, detail)
+
+    def _yield_to_others(self, now: float) -> list[Action]:
+        """Other programs grew so that what is resident no longer fits: unload models, in eviction order (idle
+        before busy, persistent last), until it fits again. A busy one drains first."""
+        gpu = self.config.gpu
+        if not gpu.yield_to_others or self.budget is None or now - self._last_yield < gpu.yield_interval_s:
+            return []
+        resident = self._resident()
+        leaving = sum(s.need_mb for s in resident if s.phase is Phase.UNLOADING or s.unload_requested)
+        models_mb, leases_mb = self.committed_mb()
+        overflow = models_mb + leases_mb - leaving - self.budget.usable_mb
+        if overflow <= 0 or overflow < gpu.yield_margin_mb:
+            return []
+        candidates = [s for s in resident if s.phase is Phase.READY and not s.unload_requested]
+        candidates.sort(key=lambda s: (s.group.persistent, s.in_flight > 0, s.config.priority, s.last_used, s.name))
+        detail = (f"other programs hold {self.budget.foreign_mb} MB: {models_mb + leases_mb} MB committed, "
+                  f"{self.budget.usable_mb} MB usable")  # fmt: skip
+        actions: list[Action] = []
+        freed = 0
+        for state in candidates:
+            if freed >= overflow:
+                break
+            freed += state.need_mb
+            if state.in_flight:
+                state.unload_requested, state.unload_cause = True, "memory_pressure"
+                state.last_stop = ("memory_pressure", detail)
+            else:
+                actions.append(self._stop(state, "memory_pressure", detail))
+        if candidates:
+            self._last_yield = now
+        return actions

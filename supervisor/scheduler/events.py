@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from ..config import Config, ConfigDiff
 
 # Why a model was stopped: logs, the unload metric's `cause` label, /status.
-StopCause = Literal["swap", "ttl", "admin", "shutdown", "crash", "memory", "lease", "gaming", "reload"]
+StopCause = Literal["swap", "ttl", "admin", "shutdown", "crash", "memory", "lease", "gaming", "reload",
+                    "memory_pressure"]
 WaiterKind = Literal["request", "load", "lease"]
 
 
@@ -232,6 +233,7 @@ class StopProcess:
     model: str
     instance: int
     cause: StopCause
+    detail: str = ""  # for a person: e.g. how much other programs held when it yielded to them
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ class ModelState:
     need_mb: int = 0  # what it holds once loaded: config vram_mb, else estimate, else learned
     ready_since: float = 0.0
     prewarmed: bool = False  # asked for a read-ahead while waiting for this start
+    last_stop: tuple[StopCause, str] | None = None  # why it was last stopped (cause, detail), for /status
 
     @property
     def pid(self) -> int | None:

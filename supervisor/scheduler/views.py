@@ -39,6 +39,7 @@ class ModelView:
     need_mb: int = 0
     eta_ms: int | None = None
     route: Route = "queued"
+    last_stop: dict[str, str] | None = None  # {"cause", "detail"} of its last stop
 
 
 def available_now(core: SchedulerCore, model: str) -> bool:
@@ -125,6 +126,8 @@ def model_views(core: SchedulerCore, now: float) -> list[ModelView]:
                 need_mb=state.need_mb,
                 eta_ms=eta_ms(core, state.name, now),
                 route=route(core, state.name, now),
+                last_stop=None if state.last_stop is None else {"cause": state.last_stop[0],
+                                                                "detail": state.last_stop[1]},
             )
         )
     return views
