@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmarks: model-supervisor against llama-server alone and against llama-server's own router mode.
 
-    .venv/bin/python scripts/bench.py            # the full run (~5 min on 2 cores): docs/benchmarks.md and .json
-    .venv/bin/python scripts/bench.py --quick    # a smoke test (~15 s); its numbers mean little
+    .venv/bin/python scripts/bench.py            # the full run (~6 min on 2 cores): docs/benchmarks.md and .json
+    .venv/bin/python scripts/bench.py --quick    # a smoke test (~20 s); its numbers mean little
     .venv/bin/python scripts/bench.py --out DIR  # write benchmarks.md / benchmarks.json to DIR instead of docs/
     .venv/bin/python scripts/bench.py --only swap,mixed   # some sections only (while working on one)
 
@@ -19,6 +19,12 @@ accounting. Sections:
              (exec -> first token) and the router's swap; warm and dropped page cache; prewarm while draining
   mixed      three models of which one fits the memory budget, a fixed seeded open-loop schedule from three
              clients: makespan, swaps, p50/p99 wait; daemon with batching, daemon FIFO, router mode
+  promptcache  prompt-cache persistence: time to first token of a long shared-prefix prompt when the model never
+             left, right after a swap away and back with persistence on, and with it off; and what saving and
+             restoring the slots adds to a swap (measured end to end, and as the daemon logs it)
+
+`--only` runs some sections and merges their figures into the existing benchmarks.json (when it was written in
+the same mode, full or quick), so the other sections' figures stay; the report says which section came from which run.
 """
 
 from __future__ import annotations
@@ -66,7 +72,10 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 LLAMA_ARGS = ["-c", "4096", "-np", "16", "-t", "1"]
 TINY = "bench-tiny"  # ~0.5 MB: generation is so fast that any proxy cost shows in latency and throughput
 BIG = ("big-a", "big-b", "big-c")  # size_mb of the settings: loads take long enough to measure
-SEEDS = {TINY: 1, "big-a": 101, "big-b": 102, "big-c": 103}
+PREFIX = ("prefix-a", "prefix-b")  # promptcache: a gets the long prompt; b is the model swapped to and back from
+SEEDS = {TINY: 1, "big-a": 101, "big-b": 102, "big-c": 103, "prefix-a": 201, "prefix-b": 202}
+SECTIONS = ("proxy", "swap", "mixed", "promptcache")
+NEEDS = {"proxy": (TINY,), "swap": BIG[:2], "mixed": BIG, "promptcache": PREFIX}  # the models each section loads
 PROMPT = "hello"
 MIXED_SEED = 6  # the mixed workload's schedule: the same requests in the same order for every variant
 ROUTER_SPAWN = "spawning server instance with name="  # the router's log line for each child it starts
@@ -90,14 +99,23 @@ class Settings:
     mixed_tokens: int  # max_tokens of each request: long enough that a model is still busy when more arrive
     mixed_reps: int
     idle_s: float
+    pc_embd: int  # promptcache model: width, layers, file size (None: no padding) and context
+    pc_layers: int
+    pc_mb: int | None
+    pc_ctx: int
+    pc_words: int  # the long prompt: "word0 word1 ...", about 3.9 tokens a word
+    pc_reps: int
+    pc_swaps: int  # swaps away and back per repetition (each also a sample of the swap's cost)
 
 
 FULL = Settings(mode="full", reps=5, latency_requests=200, stream_tokens=128, single_streams=8, multi_rounds=3,
                 big_mb=400, swap_reps=5, drain_s=1.5, mixed_clients=3, mixed_per_client=20, mixed_gap_s=0.15, mixed_tokens=8,
-                mixed_reps=3, idle_s=60)  # fmt: skip
+                mixed_reps=3, idle_s=60, pc_embd=256, pc_layers=4, pc_mb=64, pc_ctx=8192, pc_words=1000, pc_reps=3,
+                pc_swaps=2)  # fmt: skip
 QUICK = Settings(mode="quick", reps=1, latency_requests=30, stream_tokens=32, single_streams=2, multi_rounds=1,
                  big_mb=32, swap_reps=1, drain_s=0.4, mixed_clients=3, mixed_per_client=3, mixed_gap_s=0.1, mixed_tokens=4,
-                 mixed_reps=1, idle_s=3)  # fmt: skip
+                 mixed_reps=1, idle_s=3, pc_embd=64, pc_layers=2, pc_mb=None, pc_ctx=1024, pc_words=60, pc_reps=1,
+                 pc_swaps=1)  # fmt: skip
 
 _started = time.monotonic()
 
@@ -256,17 +274,28 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "model-supervisor"
 
 
-def ensure_models(big_mb: int) -> dict[str, Path]:
-    """The benchmark's GGUFs, generated once and kept, keyed by testmodels.py's source and the parameters."""
+def model_spec(name: str, s: Settings) -> tuple[str, dict[str, Any]]:
+    """A benchmark model's file name and write_test_model's arguments for it."""
+    seed = SEEDS[name]
+    if name in PREFIX:  # wide and deep enough that a prompt of a few thousand tokens takes seconds to prefill
+        shape = f"e{s.pc_embd}-l{s.pc_layers}-{s.pc_mb or 'tiny'}-c{s.pc_ctx}"
+        return f"{name}-seed{seed}-{shape}.gguf", {"seed": seed, "size_mb": s.pc_mb, "n_embd": s.pc_embd, "n_head": 4,
+                                                   "n_layers": s.pc_layers, "context_length": s.pc_ctx}  # fmt: skip
+    size = None if name == TINY else s.big_mb
+    return f"{name}-seed{seed}-{size or 'tiny'}.gguf", {"seed": seed, "size_mb": size}
+
+
+def ensure_models(s: Settings, sections: list[str]) -> dict[str, Path]:
+    """The GGUFs the sections load, generated once and kept, keyed by testmodels.py's source and the parameters."""
     source = (REPO / "supervisor" / "testmodels.py").read_bytes()
     folder = cache_root() / "bench-models" / hashlib.sha256(source).hexdigest()[:12]
     paths = {}
-    for name, seed in SEEDS.items():
-        size = None if name == TINY else big_mb
-        path = folder / f"{name}-seed{seed}-{size or 'tiny'}.gguf"
+    for name in dict.fromkeys(n for section in sections for n in NEEDS[section]):
+        file_name, kwargs = model_spec(name, s)
+        path = folder / file_name
         if not path.is_file():
-            say(f"generating {path.name}" + (f" ({size} MiB)" if size else ""))
-            write_test_model(path, seed=seed, size_mb=size, name=name)
+            say(f"generating {path.name}" + (f" ({kwargs['size_mb']} MiB)" if kwargs["size_mb"] else ""))
+            write_test_model(path, name=name, **kwargs)
         paths[name] = path
     return paths
 
@@ -436,7 +465,8 @@ class Bench:
         return Server("direct", url, proc, log)
 
     async def start_daemon(self, tag: str, models: dict[str, dict[str, Any]], *, scheduler: dict | None = None,
-                           groups: dict | None = None, gpu: dict | None = None) -> Server:  # fmt: skip
+                           groups: dict | None = None, gpu: dict | None = None,
+                           prompt_cache: dict | None = None) -> Server:  # fmt: skip
         port, log = free_port(), self.log_path(tag)
         config = {
             "daemon": {"listen": f"{HOST}:{port}", "llama_server": self.binary, "state_dir": str(self.work / f"state-{tag}"),
@@ -447,6 +477,7 @@ class Bench:
             # cost the footprint section measures.
             "gpu": {"backend": "none", **(gpu or {})},
             "groups": groups or {},
+            "prompt_cache": prompt_cache or {},
             "models": {name: {"model": str(self.models[name]), "args": LLAMA_ARGS, **extra}
                        for name, extra in models.items()},
         }  # fmt: skip
@@ -930,6 +961,187 @@ async def mixed_section(b: Bench) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------- 5. prompt-cache persistence
+
+
+def long_prompt(words: int) -> str:
+    return " ".join(f"word{i}" for i in range(words))
+
+
+@dataclass
+class FirstContent:
+    status: int
+    ms: float | None  # request sent -> the first event that carries generated text
+    prompt_n: int | None  # prompt tokens llama-server computed (its `timings`, when the stream carries them)
+    head: bytes
+
+
+async def first_content(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> FirstContent:
+    """POST a streaming completion; the time to its first content chunk (an SSE event whose text is not empty),
+    and what llama-server says it computed of the prompt."""
+    first, prompt_n, buf, head = None, None, b"", b""
+    started = time.perf_counter()
+    try:
+        async with http.post(url, data=json.dumps({**body, "stream": True}).encode(), headers=JSON_HEADERS) as response:
+            async for chunk in response.content.iter_any():
+                if len(head) < 400:
+                    head += chunk[:400]
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                        continue
+                    with contextlib.suppress(ValueError, TypeError, AttributeError, IndexError):
+                        event = json.loads(line[6:])
+                        choice = (event.get("choices") or [{}])[0]
+                        text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                        if text and first is None:
+                            first = time.perf_counter()
+                        if isinstance(event.get("timings"), dict):
+                            prompt_n = event["timings"].get("prompt_n", prompt_n)
+            status = response.status
+    except (aiohttp.ClientError, OSError) as exc:
+        return FirstContent(0, None, None, head or repr(exc).encode())
+    return FirstContent(status, None if first is None else (first - started) * 1000, prompt_n, head)
+
+
+async def pc_ttft(b: Bench, url: str, prompt: str) -> dict[str, Any]:
+    body = {"model": PREFIX[0], "prompt": prompt, "max_tokens": 1}
+    result = await first_content(b.stream_http, url + "/v1/completions", body)
+    if result.status != 200 or result.ms is None:
+        raise BenchError(f"{url}: {PREFIX[0]}: {result.status} {result.head[:300]!r}")
+    return {"ms": result.ms, "prompt_n": result.prompt_n}
+
+
+async def pc_swap_cycle(b: Bench, url: str) -> dict[str, float]:
+    """prefix-a is loaded: ask for prefix-b (request -> its first token: a's slots are saved, b is loaded), then
+    load prefix-a again with the admin endpoint (b's slots saved, a loaded, a's slots restored before it is ready).
+    The swap back is a load, not a request, so nothing overwrites the restored slot before it is measured."""
+    away = await first_content(b.stream_http, url + "/v1/completions",
+                               {"model": PREFIX[1], "prompt": PROMPT, "max_tokens": 1})  # fmt: skip
+    if away.status != 200 or away.ms is None:
+        raise BenchError(f"{url}: {PREFIX[1]}: {away.status} {away.head[:300]!r}")
+    started = time.perf_counter()
+    status, data = await post(b.http, f"{url}/models/{PREFIX[0]}/load", b"")
+    back_ms = (time.perf_counter() - started) * 1000
+    if status != 200:
+        raise BenchError(f"{url}: load {PREFIX[0]}: {status} {data[:300]!r}")
+    load_ms = json.loads(data).get("load_ms")
+    return {"away_ms": away.ms, "back_ms": back_ms, "round_trip_ms": away.ms + back_ms,
+            "daemon_load_ms": float(load_ms) if load_ms is not None else None}  # fmt: skip
+
+
+def cache_events(log: Path) -> list[dict[str, Any]]:
+    """The daemon's prompt_cache_saved / prompt_cache_restored lines (model, slots, tokens, bytes, ms)."""
+    events = []
+    for line in log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError, AttributeError):
+            event = json.loads(line)
+            if event.get("event") in ("prompt_cache_saved", "prompt_cache_restored"):
+                events.append({k: event.get(k) for k in ("event", "model", "slots", "tokens", "bytes", "ms")})
+    return events
+
+
+async def cache_metrics(http: aiohttp.ClientSession, url: str) -> dict[str, dict[str, float]]:
+    """model_supervisor_prompt_cache_seconds (count, sum) and _bytes per operation, all models together."""
+    async with http.get(url + "/metrics") as response:
+        text = await response.text()
+    out: dict[str, dict[str, float]] = {}
+    pattern = re.compile(r'^model_supervisor_prompt_cache_(seconds_count|seconds_sum|bytes_total)\{([^}]*)\} (\S+)$')
+    for line in text.splitlines():
+        match = pattern.match(line)
+        operation = match and re.search(r'operation="(\w+)"', match.group(2))
+        if match and operation:
+            figures = out.setdefault(operation.group(1), {"count": 0.0, "seconds": 0.0, "bytes": 0.0})
+            key = {"seconds_count": "count", "seconds_sum": "seconds", "bytes_total": "bytes"}[match.group(1)]
+            figures[key] += float(match.group(3))
+    return out
+
+
+async def promptcache_section(b: Bench) -> dict[str, Any]:
+    s = b.s
+    prompt = long_prompt(s.pc_words)
+    args = ["-c", str(s.pc_ctx), "-np", "1", "-t", "1"]
+    variants = {"on": {}, "off": {"enabled": False}}  # [prompt_cache]: the default, and persistence off
+    for name in PREFIX:
+        await asyncio.to_thread(read_all, b.models[name])  # warm page cache for both variants
+    say(f"promptcache: two daemons (persistence on / off), {s.pc_words}-word prompt, {s.pc_reps} reps of "
+        f"{s.pc_swaps} swap(s) away and back, then the prompt's time to first token")
+    servers: dict[str, Server] = {}
+    runs: dict[str, dict[str, list]] = {v: {"swaps": [], "after_swap": [], "never_left": []} for v in variants}
+    cold: dict[str, dict[str, Any]] = {}
+    started = time.perf_counter()
+    try:
+        for v, section in variants.items():  # both in the default group: one model at a time
+            servers[v] = await b.start_daemon(f"promptcache-{v}", {name: {"args": args} for name in PREFIX},
+                                              prompt_cache=section)  # fmt: skip
+        for v, server in servers.items():  # the first load and a full prefill: the prompt is in the slot
+            cold[v] = await pc_ttft(b, server.url, prompt)
+        for rep in range(s.pc_reps):
+            for v in rotated(list(variants), rep):
+                url = servers[v].url
+                for _ in range(s.pc_swaps):
+                    runs[v]["swaps"].append(await pc_swap_cycle(b, url))
+                runs[v]["after_swap"].append(await pc_ttft(b, url, prompt))  # (b) with persistence, (c) without
+                runs[v]["never_left"].append(await pc_ttft(b, url, prompt))  # (a): the same request again
+            say(f"promptcache: rep {rep + 1}: after a swap back {runs['on']['after_swap'][-1]['ms']:.0f} ms (on), "
+                f"{runs['off']['after_swap'][-1]['ms']:.0f} ms (off); never left "
+                f"{runs['on']['never_left'][-1]['ms']:.0f} ms")  # fmt: skip
+        metrics = {v: await cache_metrics(b.http, server.url) for v, server in servers.items()}
+        events = cache_events(servers["on"].log)  # before the stop, whose saves are no swap's
+    finally:
+        for server in servers.values():
+            b.stop(server)
+    seconds = time.perf_counter() - started
+
+    def med(items: list[dict[str, Any]], key: str, digits: int = 1) -> float | None:
+        return rnd(median([x[key] for x in items]), digits)
+
+    saves = [e for e in events if e["event"] == "prompt_cache_saved"]
+    restores = [e for e in events if e["event"] == "prompt_cache_restored"]
+
+    def logged(items: list[dict[str, Any]], model: str) -> dict[str, Any]:
+        mine = [e for e in items if e["model"] == model]
+        return {"count": len(mine), "ms": med(mine, "ms") if mine else None,
+                "bytes": int(median([e["bytes"] for e in mine])) if mine else None,
+                "tokens": int(median([e["tokens"] for e in mine])) if mine else None}  # fmt: skip
+
+    log_figures = {f"{op}_{which}": logged(items, model) for op, items in (("save", saves), ("restore", restores))
+                   for which, model in (("a", PREFIX[0]), ("b", PREFIX[1]))}  # fmt: skip
+    # A swap away and back saves and restores both models once: a's long prompt and b's short one.
+    logged_ms = sum(x["ms"] or 0 for x in log_figures.values())
+    swaps = {v: {k: med(runs[v]["swaps"], k) for k in ("away_ms", "back_ms", "round_trip_ms", "daemon_load_ms")}
+             for v in variants}  # fmt: skip
+    added = {k: rnd(swaps["on"][k] - swaps["off"][k], 1) for k in ("away_ms", "back_ms", "round_trip_ms")}
+    ttft = {"cold_full_prefill": rnd(median([c["ms"] for c in cold.values()]), 1),
+            "never_left": med(runs["on"]["never_left"], "ms"),
+            "never_left_off": med(runs["off"]["never_left"], "ms"),
+            "after_swap_persisted": med(runs["on"]["after_swap"], "ms"),
+            "after_swap_not_persisted": med(runs["off"]["after_swap"], "ms")}  # fmt: skip
+    computed = {"cold": cold["on"]["prompt_n"], "never_left": runs["on"]["never_left"][-1]["prompt_n"],
+                "after_swap_persisted": runs["on"]["after_swap"][-1]["prompt_n"],
+                "after_swap_not_persisted": runs["off"]["after_swap"][-1]["prompt_n"]}  # fmt: skip
+    return {
+        "model": {"name": PREFIX[0], "file_mb": rnd(b.models[PREFIX[0]].stat().st_size / MIB, 1), "n_embd": s.pc_embd,
+                  "layers": s.pc_layers, "other": PREFIX[1]},
+        "llama_args": args, "prompt_words": s.pc_words, "prompt_tokens": computed["cold"],
+        "reps": s.pc_reps, "swaps_per_rep": s.pc_swaps, "seconds": rnd(seconds, 1),
+        "ttft_ms": ttft,
+        "prompt_tokens_computed": computed,  # llama-server's timings.prompt_n of the last sample of each
+        "ratios": {"persisted_over_never_left": rnd(ttft["after_swap_persisted"] / ttft["never_left"], 2),
+                   "not_persisted_over_persisted": rnd(ttft["after_swap_not_persisted"] / ttft["after_swap_persisted"], 1)},
+        "swap_ms": swaps,
+        "added_ms": added,
+        # What persistence adds to a swap away and back, as a share of that swap (with persistence on).
+        "added_share": rnd(added["round_trip_ms"] / swaps["on"]["round_trip_ms"], 4),
+        "logged": {**log_figures, "per_round_trip_ms": rnd(logged_ms, 1),
+                   "share": rnd(logged_ms / swaps["on"]["round_trip_ms"], 4)},
+        "metrics": metrics,
+        "runs": {v: {k: [{kk: rnd(vv, 1) if isinstance(vv, float) else vv for kk, vv in x.items()} for x in xs]
+                     for k, xs in r.items()} for v, r in runs.items()},
+    }  # fmt: skip
+
+
 # ---------------------------------------------------------------- machine, targets, report
 
 
@@ -1249,8 +1461,10 @@ async def run(b: Bench, sections: list[str]) -> dict[str, Any]:
                     result["proxy"], result["footprint"] = await proxy_section(b)
                 elif section == "swap":
                     result["swap"] = await swap_section(b)
-                else:
+                elif section == "mixed":
                     result["mixed"] = await mixed_section(b)
+                else:
+                    result["promptcache"] = await promptcache_section(b)
             except (BenchError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 # One section going wrong should not cost the others' figures: it is reported, the run exits 1.
                 say(f"{section}: FAILED: {exc}")

@@ -291,6 +291,8 @@ class Chaos:
         self.full_outside_fills_s = 0  # sampler ticks (1 s) with the state dir full while no fill held it
         self.holding_fill = False
         self.first_full: dict[str, Any] | None = None  # what filled the state dir, the first time it was
+        self.warm_admin_failures: list[dict[str, Any]] = []
+        self.warm_poll_failures: list[dict[str, Any]] = []
         self.admin_loading: Counter[str] = Counter()  # admin loads in progress, per model (kills wait for them)
         self.kills: list[Kill] = []
         self.kill_skipped = 0
@@ -585,7 +587,7 @@ class Chaos:
     async def admin_loop(self, deadline: float) -> None:
         async with aiohttp.ClientSession() as http:
             while not self.stop_traffic.is_set():
-                await asyncio.sleep(self.rng.uniform(2, 6))
+                await asyncio.sleep(min(self.rng.uniform(2, 6), max(0.0, deadline - time.monotonic())))
                 if self.stop_traffic.is_set() or time.monotonic() >= deadline:
                     return
                 op = self.rng.choices(["load", "unload", "unload_all"], weights=[45, 45, 10])[0]
@@ -806,7 +808,11 @@ class Chaos:
             # Then the chaos traffic without faults for a while, so that pools, caches and allocator arenas have
             # grown to their working size before the baseline: growth after it is what the chaos left behind.
             deadline = time.monotonic() + self.args.warmup_s
-            await asyncio.gather(*(self.client(deadline, self.warm_requests) for _ in range(self.args.clients)))
+            await asyncio.gather(*(self.client(deadline, self.warm_requests) for _ in range(self.args.clients)),
+                                 self.poller(deadline), self.admin_loop(deadline))  # fmt: skip
+            self.warm_admin_failures = [a for a in self.admin if a["status"] != 200]
+            self.warm_poll_failures = self.poll_failures
+            self.admin, self.polls, self.poll_failures, self.poll_max_ms = [], Counter(), [], 0.0
             status, doc = await self.post_json(http, "/unload")
             if status != 200:
                 raise ChaosError(f"warm-up POST /unload answered {status}: {doc}")
@@ -988,8 +994,12 @@ class Chaos:
         warm_failed = [r for r in self.warm_requests if not r.ok]
         warm = {"seconds": self.args.warmup_s, "sent": len(self.warm_requests), "ok": len(self.warm_requests) - len(warm_failed),
                 "failures": [{k: v for k, v in asdict(r).items() if v not in (None, "", 0, False)} for r in warm_failed[:10]],
-                "failure_count": len(warm_failed)}  # fmt: skip
+                "failure_count": len(warm_failed), "admin_failures": self.warm_admin_failures,
+                "poll_failures": self.warm_poll_failures[:10]}  # fmt: skip
         resources["samples"] = [[s.at, s.rss_mb, s.fds, s.threads, s.children] for s in self.samples]
+        if len(self.samples) >= 4:  # a leak keeps growing; a pool or arena that fills once makes one step
+            quarter = next(s for s in self.samples if s.at >= self.samples[-1].at / 4)
+            resources["rss_mb_growth_last_three_quarters"] = round(self.samples[-1].rss_mb - quarter.rss_mb, 2)
         resources["samples_columns"] = ["at_s", "rss_mb", "fds", "threads", "children"]
         report: dict[str, Any] = {
             "meta": {"seed": self.args.seed, "duration_s": self.args.duration_s, "clients": self.args.clients,
@@ -1041,9 +1051,13 @@ class Chaos:
             bad.append(self.daemon_died)
         if r["script_errors"]:
             bad.append(f"errors in this script: {r['script_errors'][:3]}")
-        if r["warm_up"]["failure_count"]:
-            bad.append(f"{r['warm_up']['failure_count']} requests failed in the fault-free warm-up: "
-                       + ", ".join(f"{x.get('status', 0)} {x.get('code')}" for x in r["warm_up"]["failures"][:5]))
+        w = r["warm_up"]
+        if w["failure_count"]:
+            bad.append(f"{w['failure_count']} requests failed in the fault-free warm-up: "
+                       + ", ".join(f"{x.get('status', 0)} {x.get('code')}" for x in w["failures"][:5]))
+        if w["admin_failures"] or w["poll_failures"]:
+            bad.append(f"in the fault-free warm-up {len(w['admin_failures'])} admin calls and "
+                       f"{len(w['poll_failures'])} polls failed")
         q = r["requests"]
         if q["ok"] == 0:
             bad.append("no request was answered")
@@ -1152,6 +1166,14 @@ def summary(r: dict[str, Any]) -> str:
         f"{f['reloads_by']}")  # fmt: skip
     if f["kill_target_not_a_child"]:
         lines.append(f"  /status named a ready pid that was no child of the daemon: {f['kill_target_not_a_child'][:3]}")
+    if tmpfs["mounted"]:
+        first = f["state_dir_first_full_without_fill"]
+        lines.append(f"state_dir: up to {f['state_dir_max_used_pct']:g} % used; full without a fill fault for "
+                     f"{f['state_dir_full_without_fill_s']} s" + (f" (first at {first['at']:.1f} s; largest files, KiB: "
+                     f"{dict(list(first['files'].items())[:4])})" if first else ""))  # fmt: skip
+    w = r["warm_up"]
+    lines.append(f"warm-up ({w['seconds']:g} s, no faults): {w['sent']} requests, {w['ok']} complete, "
+                 f"{len(w['admin_failures'])} admin and {len(w['poll_failures'])} poll failures")
     a, p = r["admin"], r["polls"]
     lines.append(f"admin: {a['calls']} calls {a['by_op']}, longest {a['max_s']} s, {len(a['failures'])} failed; "
                  f"polls: {sum(p['count'].values())}, longest {p['max_latency_ms']} ms, {p['failure_count']} failed")
@@ -1183,7 +1205,8 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(f"daemon: RSS {b['rss_mb']:.1f} -> {e['rss_mb']:.1f} MB ({g['rss_pct']:+.1f} %), fds {b['fds']} -> "
                      f"{e['fds']}, threads {b['threads']} -> {e['threads']} (tolerance: RSS "
                      f"{res['tolerance']['rss']}, fds {res['tolerance']['fds']}, threads {res['tolerance']['threads']}; "
-                     f"peaks during chaos {res['peak_during_chaos']})")  # fmt: skip
+                     f"peaks during chaos {res['peak_during_chaos']}; RSS growth over the last three quarters of "
+                     f"the chaos {res.get('rss_mb_growth_last_three_quarters')} MB)")  # fmt: skip
     if r["sigterm"]:
         t = r["sigterm"]
         lines.append(f"SIGTERM: exit {t['exit_code']} in {t['took_s']} s, llama-server left: {t['children_left'] or 'none'}")

@@ -67,6 +67,8 @@ class DaemonConfig(Section):
     keepalive_timeout_s: PositiveSeconds = 75
     notify_url: str = ""
     log_lines: Annotated[int, Field(ge=10, le=100_000)] = 1000
+    # The model loaded again whenever nothing is wanted and it fits without displacing anything; see groups' home.
+    home: str | None = None
     # Host header names accepted besides the listen address and loopback names (DNS rebinding); "*" = any.
     allowed_hosts: list[str] = []
 
@@ -135,6 +137,8 @@ class GroupConfig(Section):
     swap: bool = True
     exclusive: bool = True
     persistent: bool = False
+    # The member loaded again when nothing is wanted and it fits without displacing anything ("come home").
+    home: str | None = None
 
 
 class ModelConfig(Section):
@@ -150,6 +154,7 @@ class ModelConfig(Section):
     local_only: bool = False
     allow_in_gaming: bool = False
     prompt_cache: bool = True  # off: this model's slots are never saved or restored
+    preload: bool = False  # loaded when the daemon starts, before it tells systemd it is ready
 
     @field_validator("vram_mb", mode="before")
     @classmethod
@@ -265,6 +270,11 @@ class Config(BaseSettings):
                 if alias in seen:
                     problems.append(f"models.{name}.aliases: {alias!r} is already used by {seen[alias]}")
                 seen[alias] = f"models.{name}.aliases"
+        if self.daemon.home is not None and self.daemon.home not in self.models:
+            problems.append(f"daemon.home: no [models.{self.daemon.home}] section")
+        for name, group in self.groups.items():
+            if group.home is not None and (group.home not in self.models or self.models[group.home].group != name):
+                problems.append(f"groups.{name}.home: {group.home!r} is not a model of this group")
         reference = self.ledger.reference_target
         if reference and reference not in self.cloud:
             problems.append(f"ledger.reference_target: no [cloud.{reference}] section")

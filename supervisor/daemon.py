@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Callable
 
 import aiohttp
 import structlog
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from .children import Children, LlamaChildren
 from .config import Config, ConfigError, LiveConfig, is_loopback
+from .errors import ApiError
 from .estimate import LearnedStore
 from .gaming import GamingStore
 from .gpu import Probe, open_probe
@@ -130,6 +132,25 @@ class Daemon:
             self.port = runner.addresses[0][1]
         log.info("daemon_started", url=self.url, models=sorted(config.models), llama_server=self.live.binary)
 
+    async def preload(self, before_each: Callable[[str], None] | None = None) -> list[str]:
+        """Load the models marked preload = true, one after another; those that loaded. A failure is logged and
+        the daemon serves all the same (the model loads again on its first request)."""
+        assert self.runtime is not None
+        loaded = []
+        for name, model in self.config.models.items():
+            if not model.preload:
+                continue
+            if before_each is not None:
+                before_each(name)
+            try:
+                await self.runtime.load(name)
+            except ApiError as exc:
+                log.error("preload_failed", model=name, code=exc.code, error=exc.message.splitlines()[0])
+                continue
+            log.info("preloaded", model=name)
+            loaded.append(name)
+        return loaded
+
     async def _stop_serving(self) -> None:
         log.info("daemon_stopping")
         for site in self._sites:
@@ -205,9 +226,6 @@ async def serve(config: Config, binary: str, notifier: Notifier | None = None, c
     notifier.status("starting")
     try:
         await daemon.start()
-        # Startup preloads of models would go here, before READY=1: each one preceded by
-        # notifier.extend_timeout(config.daemon.health_timeout_s + margin), so a slow load is not killed by
-        # TimeoutStartSec while a hung one still is.
     except OSError as exc:
         log.error("cannot_listen", listen=config.daemon.listen, error=str(exc))
         notifier.status(f"cannot listen on {config.daemon.listen}: {exc}")
@@ -216,6 +234,22 @@ async def serve(config: Config, binary: str, notifier: Notifier | None = None, c
         return 1
     runtime = daemon.runtime
     assert runtime is not None
+
+    def preloading(name: str) -> None:
+        # Each preload gets its own extension: a slow load is not killed by TimeoutStartSec, a hung one still is.
+        notifier.extend_timeout(daemon.config.daemon.queue_timeout_s + daemon.config.daemon.health_timeout_s + 30)
+        notifier.status(f"starting: loading {name} (preload)")
+
+    # Before READY=1, so the models marked preload are ready when systemd says the service is; a SIGTERM meanwhile
+    # ends the preloads.
+    preloads = asyncio.ensure_future(daemon.preload(preloading))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({preloads, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not preloads.done():
+        preloads.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await preloads
     status = StatusReporter(notifier, lambda: describe(model_views(runtime.core, runtime.now()), runtime.gaming))
     runtime.observers.append(status.changed)
     first = status.current()

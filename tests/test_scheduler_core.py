@@ -804,3 +804,71 @@ def test_a_persistent_model_yields_last():
     sim.serve("p")
     sim.serve("q")
     assert kinds(sim.measure(10_000, used_mb=8000 + 3000)) == [("stop", "q", "memory_pressure")]
+
+
+# ---------------------------------------------------------------- home models
+
+
+HOME_GROUPS = {"main": {"swap": True, "exclusive": True, "home": "small"}}
+HOME_MODELS = {"small": {"group": "main"}, "big": {"group": "main", "ttl_s": 60}}
+
+
+def test_the_home_model_loads_when_nothing_is_wanted_and_comes_back_after_the_big_one_idles_out():
+    sim = Sim(HOME_MODELS, HOME_GROUPS)
+    assert [(a.model, a.cause) for a in sim.advance(0) if isinstance(a, StartProcess)] == [("small", "home")]
+    sim.loaded("small")
+    request_id, actions = sim.request("big")
+    assert kinds(actions) == [("stop", "small", "swap")]  # a request wins over the home model
+    sim.stopped("small")
+    sim.loaded("big")
+    sim.finish(request_id)
+    assert sim.core.next_wakeup() == pytest.approx(60)
+    actions = sim.advance(60)
+    assert kinds(actions) == [("stop", "big", "ttl")]
+    actions = sim.stopped("big")
+    assert kinds(actions) == [("start", "small")]  # home again
+    sim.loaded("small")
+    sim.advance(3600)
+    assert sim.phase("small") is Phase.READY  # no TTL for a home model, and no busy timer either
+    assert sim.core.next_wakeup() is None
+
+
+def test_a_home_model_never_displaces_anything_nor_loads_while_requests_wait():
+    sim = Sim(HOME_MODELS, HOME_GROUPS)
+    request_id, actions = sim.request("big")
+    assert kinds(actions) == [("start", "big")]
+    sim.loaded("big")
+    sim.finish(request_id)
+    assert not any(isinstance(a, StartProcess) for a in sim.advance(10))  # big is resident (idle): it stays
+
+
+def test_a_home_model_that_does_not_fit_in_free_memory_is_not_loaded():
+    sim = Sim({"small": {"group": "side"}, "other": {"group": "side2"}},
+              {"side": {"swap": True, "exclusive": False, "home": "small"}, "side2": {"swap": True, "exclusive": False}},
+              needs={"small": 3000, "other": 8000})
+    sim.measure(10_000)  # the first reading: small fits, and loads
+    assert [a.model for a in sim.log if isinstance(a, StartProcess)] == ["small"]
+    sim.loaded("small")
+    sim.send(UnloadRequested("small", sim.now))
+    sim.stopped("small")
+    sim.serve("other")  # a request clears the administrator's unload, but 8000 + 3000 > 10000: no room
+    assert sim.phase("small") is Phase.UNLOADED
+
+
+def test_an_administrator_unload_of_the_home_model_holds_until_the_next_request():
+    sim = Sim(HOME_MODELS, HOME_GROUPS)
+    sim.advance(0)
+    sim.loaded("small")
+    sim.send(UnloadRequested("small", sim.now))
+    assert not any(isinstance(a, StartProcess) for a in sim.stopped("small"))
+    sim.serve("big")
+    sim.send(UnloadRequested("big", sim.now, cause="ttl"))
+    assert kinds(sim.stopped("big")) == [("start", "small")]
+
+
+def test_no_home_load_during_shutdown():
+    sim = Sim(HOME_MODELS, HOME_GROUPS)
+    sim.advance(0)
+    sim.loaded("small")
+    sim.send(UnloadRequested(None, sim.now, force=True, cause="shutdown"))
+    assert kinds(sim.stopped("small")) == []

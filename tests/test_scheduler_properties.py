@@ -43,7 +43,7 @@ RAW = {
     "cloud": {"frontier": {"base_url": "http://127.0.0.1:9", "model": "big"}},
     "groups": {
         "main": {"swap": True, "exclusive": True},
-        "side": {"swap": True, "exclusive": False},
+        "side": {"swap": True, "exclusive": False, "home": "c"},
         "keep": {"swap": True, "exclusive": False, "persistent": True},
     },
     "models": {

@@ -65,6 +65,8 @@ class SchedulerCore:
         self.doomed: dict[str, Rank] = {}
         self.short_of_memory: set[str] = set()  # models whose placement waits for memory
         self._last_yield = float("-inf")  # when models were last unloaded for other programs' memory
+        self._home_suspended: set[str] = set()  # homes an administrator unloaded: not reloaded until a request
+        self._closing = False
         self.gaming = False
         self._seq = 0
 
@@ -78,6 +80,8 @@ class SchedulerCore:
                 actions.append(Reject(event.request_id, event.model, 503, "model_removed",
                                       f"model {event.model!r} was removed from the config", 1))
             case RequestArrived():
+                if event.kind == "request":
+                    self._home_suspended.clear()  # someone wants models again: homes may come back when idle
                 state = self.models[event.model]
                 fallback_at = None
                 if event.kind == "request" and may_fall_back(state.config, event.local_only):
@@ -118,6 +122,11 @@ class SchedulerCore:
                     if state.retiring:
                         del self.models[state.name]
             case UnloadRequested():
+                # An explicit unload is not undone by a home load; a shutdown never is.
+                if event.cause == "shutdown":
+                    self._closing = True
+                elif event.cause == "admin":
+                    self._home_suspended.update(self.models if event.model is None else [event.model])
                 actions += self._unload(event)
             case DropWaiters():
                 for waiter in list(self.waiters.values()):
@@ -161,11 +170,12 @@ class SchedulerCore:
             times += [s.ready_since + scheduler.min_residency_s for s in self.models.values()
                       if s.phase is Phase.READY and s.name in self.doomed]
         wanted = {w.model for w in self.waiters.values()}
+        homes = self._homes()
         for state in self.models.values():
             expiry = ttl_expiry(state)
-            if expiry is not None:
+            if expiry is not None and state.name not in homes:
                 times.append(expiry)
-            if state.phase is Phase.FAILED and state.name in wanted:
+            if state.phase is Phase.FAILED and (state.name in wanted or (not self.waiters and state.name in homes)):
                 times.append(state.retry_at)
         return min(times, default=None)
 
@@ -252,6 +262,7 @@ class SchedulerCore:
         self.doomed = doomed
         actions += self._yield_to_others(now)
         actions += self._expire_idle(now)
+        actions += self._come_home(now)
         return actions
 
     def _place(self, state: ModelState | None, waiter: Waiter, claimed: list[str], doomed: dict[str, Rank],
@@ -351,6 +362,7 @@ class SchedulerCore:
 
     def _expire_idle(self, now: float) -> list[Action]:
         wanted = {w.model for w in self.waiters.values()}
+        homes = self._homes()  # a home model is where the daemon rests: no TTL
         actions: list[Action] = []
         for state in self.models.values():
             if state.phase is not Phase.READY or state.in_flight:
@@ -360,7 +372,7 @@ class SchedulerCore:
                 actions.append(self._stop(state, state.unload_cause))
             elif kept_out_by_gaming(self.gaming, state.config, force=forced):
                 actions.append(self._stop(state, "gaming"))
-            elif state.name not in wanted and now >= (ttl_expiry(state) or float("inf")):
+            elif state.name not in wanted and state.name not in homes and now >= (ttl_expiry(state) or float("inf")):
                 actions.append(self._stop(state, "ttl"))
         return actions
 
@@ -526,6 +538,30 @@ class SchedulerCore:
         state.phase = Phase.UNLOADING
         state.last_stop = (cause, detail)
         return StopProcess(state.name, state.instance, cause, detail)
+
+    def _homes(self) -> list[str]:
+        homes = [self.config.daemon.home] if self.config.daemon.home else []
+        homes += [group.home for group in self.config.groups.values() if group.home]
+        return [name for name in dict.fromkeys(homes) if name in self.models]
+
+    def _come_home(self, now: float) -> list[Action]:
+        """Nothing is wanted: load the home models that fit in free memory without displacing anything."""
+        if self.waiters or self._closing:
+            return []
+        actions: list[Action] = []
+        for name in self._homes():
+            state = self.models[name]
+            if name in self._home_suspended or state.retiring or kept_out_by_gaming(self.gaming, state.config, False):
+                continue
+            if state.phase is not Phase.UNLOADED and not (state.phase is Phase.FAILED and now >= state.retry_at):
+                continue
+            resident = self._resident()
+            if any(displaces(state, other) or displaces(other, state) for other in resident):
+                continue  # a home never displaces anything, nor loads where a resident model would push it out
+            if self.budget is not None and state.need_mb > (self.free_mb() or 0):
+                continue
+            actions.append(self._start(state, now, "home"))
+        return actions
 
     def _yield_to_others(self, now: float) -> list[Action]:
         """Other programs grew so that what is resident no longer fits: unload models, in eviction order (idle
