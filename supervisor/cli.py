@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     stale.add_argument("--config", help=f"path to models.toml (default: ${CONFIG_ENV}, else ./models.toml)")
     stale.add_argument("--json", action="store_true", help="print a JSON document")
     stale.set_defaults(func=cmd_models_stale)
+
+    importer = commands.add_parser("import", help="print an equivalent models.toml for another tool's config "
+                                                  "(what has no equivalent: comments at the top and stderr)")
+    importer.add_argument("tool", choices=["llama-swap"], help="the tool the config is for")
+    importer.add_argument("path", help="its config file (llama-swap: config.yaml)")
+    importer.set_defaults(func=cmd_import)
     return parser
 
 
@@ -520,6 +526,23 @@ def _size(size: int) -> str:
         if size >= scale:
             return f"{size / scale:.1f} {unit}"
     return f"{size} B"
+
+
+# ---------------------------------------------------------------- import
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from . import llamaswap
+
+    try:
+        toml, warnings = llamaswap.convert_file(args.path)
+    except llamaswap.LlamaSwapError as exc:
+        print(f"model-supervisor import: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for warning in warnings:
+        print(f"model-supervisor import: {warning}", file=sys.stderr)
+    sys.stdout.write(toml)
+    return EXIT_OK
 
 
 def _message(body: Any) -> str:

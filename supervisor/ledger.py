@@ -192,7 +192,8 @@ def usage_from(connection: sqlite3.Connection, days: float, now: float | None = 
                 daily[day][route] += n
         if route == "local":
             saved += if_cloud
-    served = totals["local"] + totals["cloud"]
+    # A refused request was still asked of this host (a router then sent it elsewhere): it counts as not local.
+    served = totals["local"] + totals["cloud"] + totals["rejected"]
     return {
         "days": int(days) if float(days).is_integer() else days,
         **totals,

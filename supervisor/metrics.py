@@ -8,10 +8,12 @@ drift from the truth.
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 PREFIX = "model_supervisor"
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 MB = 1024 * 1024
 
@@ -60,7 +63,21 @@ class Metrics:
                                    ["model", "operation"], registry=r)  # fmt: skip
         self.cache_seconds = Histogram(f"{PREFIX}_prompt_cache_seconds", "Time spent saving or restoring slots",
                                        ["model", "operation"], buckets=WAIT_BUCKETS, registry=r)  # fmt: skip
+        self.health_checks = Counter(f"{PREFIX}_health_checks", "X-Health-Check probes answered (they load nothing "
+                                     "and are not requests), by result (ok, unavailable)", ["model", "result"],
+                                     registry=r)  # fmt: skip
+        self.duration = Histogram(f"{PREFIX}_request_duration_seconds", "Arrival to the last response byte, by route",
+                                  ["model", "route"], buckets=DURATION_BUCKETS, registry=r)  # fmt: skip
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_byte_seconds", "Arrival to the first response byte (the first "
+                              "token of a stream), by route", ["model", "route"], buckets=DURATION_BUCKETS,
+                              registry=r)  # fmt: skip
+        build = Info(f"{PREFIX}_build", "The daemon's version and Python", registry=r)
+        build.info({"version": _version(), "python": platform.python_version()})
         r.register(_LiveState(snapshot))
+
+    def on_probe(self, model: str, ok: bool) -> None:
+        """A proxy probe observer."""
+        self.health_checks.labels(model, "ok" if ok else "unavailable").inc()
 
     def on_notice(self, notice: Notice) -> None:
         """A runtime observer."""
@@ -91,6 +108,10 @@ class Metrics:
         self.requests.labels(record.model, record.route, str(record.status)).inc()
         if record.route != "rejected":
             self.queue_wait.labels(record.model).observe(record.wait_ms / 1000)
+        if record.route != "rejected":
+            self.duration.labels(record.model, record.route).observe(record.total_ms / 1000)
+            if record.ttft_ms is not None:
+                self.ttft.labels(record.model, record.route).observe(record.ttft_ms / 1000)
         if record.tokens_in:
             self.tokens.labels(record.model, record.provider, "in").inc(record.tokens_in)
         if record.tokens_out:
@@ -138,3 +159,10 @@ class _LiveState(Collector):
                 if value is not None:
                     memory.add_metric([device["device"], device["pool"], kind], value * MB)
         yield memory
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("model-supervisor")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -64,21 +64,40 @@ class LogRing:
         self._lines: collections.deque[str] = collections.deque(maxlen=max_lines)
         self._partial = ""
         self.changed = asyncio.Event()
+        self.total = 0  # lines ever added: a follower's cursor
+        self._grown = asyncio.Event()  # replaced after each addition, so every follower wakes once
+
+    def _add(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        self._lines.extend(lines)
+        self.total += len(lines)
+        grown, self._grown = self._grown, asyncio.Event()
+        grown.set()
 
     def feed(self, data: bytes) -> None:
         text = self._partial + data.decode("utf-8", errors="replace")
         *complete, self._partial = text.split("\n")
-        self._lines.extend(line.rstrip("\r") for line in complete)
+        self._add([line.rstrip("\r") for line in complete])
         self.changed.set()
 
     def flush(self) -> None:
         if self._partial:
-            self._lines.append(self._partial)
+            self._add([self._partial])
             self._partial = ""
 
     def mark(self, text: str) -> None:
         self.flush()
-        self._lines.append(f"--- {text} ---")
+        self._add([f"--- {text} ---"])
+
+    def since(self, cursor: int) -> tuple[list[str], int]:
+        """The lines added after cursor that are still kept, and the new cursor."""
+        kept = min(len(self._lines), max(0, self.total - cursor))
+        return (list(self._lines)[len(self._lines) - kept:] if kept else []), self.total
+
+    async def grown(self) -> None:
+        """Return once a line is added."""
+        await self._grown.wait()
 
     def lines(self) -> list[str]:
         return list(self._lines)
@@ -221,6 +240,19 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+class _ChildProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Says when the child itself exits. Process.wait() also waits for its pipes to close, and behind a wrapper
+    that does not exec, llama-server holds them after the shell is gone."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop):
+        super().__init__(limit=limit, loop=loop)
+        self.exited = asyncio.Event()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        self.exited.set()
+
+
 class LlamaServer:
     """One llama-server process for one model."""
 
@@ -245,6 +277,7 @@ class LlamaServer:
         self.proc: asyncio.subprocess.Process | None = None
         self.stopping = False
         self.on_spawn: Callable[[LlamaServer], None] | None = None  # the owner records what runs, for a restart
+        self._exited = asyncio.Event()  # the child (not its pipes) is gone: set by _ChildProtocol
         self._reader: asyncio.Task[None] | None = None
 
     @property
@@ -269,7 +302,10 @@ class LlamaServer:
         self.port = port
         self.log.mark(f"starting {self.name} on port {port}")
         parent = os.getpid()
-        self.proc = await asyncio.create_subprocess_exec(
+        loop = asyncio.get_running_loop()
+        # As asyncio.create_subprocess_exec, with a protocol that reports the child's own exit.
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _ChildProtocol(limit=2**16, loop=loop),
             *self.command(port),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -278,6 +314,8 @@ class LlamaServer:
             start_new_session=True,  # its own process group: a stop reaches whatever it forks
             preexec_fn=lambda: _die_with_parent(parent),
         )
+        self.proc = asyncio.subprocess.Process(transport, protocol, loop)
+        self._exited = protocol.exited
         self._reader = asyncio.create_task(self._read_output(self.proc.stdout))
         if self.on_spawn is not None:
             self.on_spawn(self)
@@ -287,7 +325,7 @@ class LlamaServer:
         assert self.proc is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        exited = asyncio.ensure_future(self.proc.wait())
+        exited = asyncio.ensure_future(self._exited.wait())
         delay = FIRST_POLL_S
         try:
             while True:
@@ -337,7 +375,7 @@ class LlamaServer:
 
     async def wait(self) -> int:
         assert self.proc is not None
-        code = await self.proc.wait()
+        code = await self._exit_code()
         if not self.stopping and group_members(self.proc.pid):
             # A wrapper that died on its own leaves its llama-server holding the port and the memory: none may
             # outlive the child we know. (A stop in progress gives the group its grace instead.)
@@ -362,16 +400,21 @@ class LlamaServer:
             except TimeoutError:
                 self.log.mark(f"no exit {grace_s:g} s after SIGTERM: SIGKILL")
                 self._signal_group(signal.SIGKILL)
-                await self.proc.wait()
+                await self._exit_code()
         # The group may hold helpers the child forked; none may outlive it.
         self._signal_group(signal.SIGKILL)
         if not await self._group_gone(GROUP_EXIT_S):
             self.log.mark(f"process group {self.proc.pid} still has members {GROUP_EXIT_S:g} s after SIGKILL")
         await self._drain_output()
 
-    async def _exited_whole(self) -> None:
+    async def _exit_code(self) -> int:
         assert self.proc is not None
-        await self.proc.wait()
+        await self._exited.wait()
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+    async def _exited_whole(self) -> None:
+        await self._exit_code()
         await self._group_gone(None)
 
     async def _group_gone(self, timeout_s: float | None) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+from model_supervisor.process import LogRing
 from model_supervisor.scheduler import StopCause, Upstream
 
 
@@ -24,6 +25,7 @@ class FakeChildren:
         self.start_entered = asyncio.Event()  # set whenever a start begins (tests wait on it)
         self._exits: dict[str, asyncio.Future[tuple[int | None, str] | None]] = {}
         self._pids = itertools.count(100_000)
+        self.logs: dict[str, LogRing] = {}
 
     def hold(self, model: str) -> asyncio.Event:
         """Make starts of this model wait until the returned event is set."""
@@ -65,7 +67,10 @@ class FakeChildren:
         return 0
 
     def log_lines(self, model: str) -> list[str]:
-        return []
+        return self.log(model).lines()
+
+    def log(self, model: str) -> LogRing:
+        return self.logs.setdefault(model, LogRing(100))
 
     def saved_prompts(self, model: str) -> dict | None:
         return None

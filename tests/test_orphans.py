@@ -3,6 +3,7 @@ reaches only the shell, so a SIGKILLed daemon leaves llama-server running. The n
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -308,6 +309,8 @@ def fake_wrapper(tmp_path: Path) -> Path:
 
 async def started_children(tmp_path: Path, state_dir: Path, http) -> LlamaChildren:
     (tmp_path / "home").mkdir(exist_ok=True)
+    if state_dir.parent.is_dir():
+        state_dir.mkdir(exist_ok=True)  # as the daemon does before it creates its children
     config = make_config({"m": {"model": str(tmp_path / "m.gguf")}}, state_dir=str(state_dir),
                          port_range=list(free_port_range(2)), stop_timeout_s=5)  # fmt: skip
     return LlamaChildren(LiveConfig(config, None, str(fake_wrapper(tmp_path))), http,
@@ -352,10 +355,14 @@ async def test_a_stop_gives_a_wrappers_server_its_grace_and_returns_once_the_gro
         children = await started_children(tmp_path, tmp_path / "state", http)
         upstream = await children.start("m")
         (server,) = served_by(upstream.pid)
-        await children.stop("m", "admin")
-    assert not alive(server)
-    # The shell died at SIGTERM at once; the server behind it still finished its own shutdown.
-    assert (tmp_path / "home" / "clean-exit").exists()
+        try:
+            await children.stop("m", "admin")
+            assert not alive(server)
+            # The shell died at SIGTERM at once; the server behind it still finished its own shutdown.
+            assert (tmp_path / "home" / "clean-exit").exists()
+        finally:
+            stop_all([], [server])
+            await children.close()
 
 
 async def test_a_wrapper_that_dies_takes_its_server_with_it(tmp_path):
@@ -363,8 +370,12 @@ async def test_a_wrapper_that_dies_takes_its_server_with_it(tmp_path):
         children = await started_children(tmp_path, tmp_path / "state", http)
         upstream = await children.start("m")
         (server,) = served_by(upstream.pid)
-        os.kill(upstream.pid, signal.SIGKILL)  # the wrapper's shell, not the server
-        code, _ = await children.wait_exit("m")
-        assert code == -signal.SIGKILL
-        assert not alive(server), "the server outlived the child the daemon knows, holding its port"
-        await children.close()
+        try:
+            os.kill(upstream.pid, signal.SIGKILL)  # the wrapper's shell, not the server
+            # Seen at once, though the server behind it still holds the output pipe.
+            code, _ = await asyncio.wait_for(children.wait_exit("m"), 10)
+            assert code == -signal.SIGKILL
+            assert not alive(server), "the server outlived the child the daemon knows, holding its port"
+        finally:
+            stop_all([], [server])
+            await children.close()

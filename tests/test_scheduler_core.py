@@ -73,9 +73,9 @@ class Sim:
         self.log += actions
         return actions
 
-    def request(self, model: str, **flags) -> tuple[int, list]:
+    def request(self, model: str, wait_s: float | None = None, **flags) -> tuple[int, list]:
         self.next_id += 1
-        deadline = self.now + self.core.config.daemon.queue_timeout_s
+        deadline = self.now + (self.core.config.daemon.queue_timeout_s if wait_s is None else wait_s)
         return self.next_id, self.send(RequestArrived(self.next_id, model, self.now, deadline, **flags))
 
     def loaded(self, model: str, port: int = 6000) -> list:
@@ -252,7 +252,22 @@ def test_queue_timeout_rejects_with_503_and_a_short_retry_after():
     assert (reject.request_id, reject.status, reject.code) == (rb, 503, "queue_timeout")
     assert 1 <= reject.retry_after_s <= 10
     assert "'b'" in reject.message
+    # Answered, but its place stays: the swap it asked for goes on once a drains, so the next request finds b.
+    assert [w.detached for w in sim.core.waiters.values()] == [True]
+    assert kinds(sim.finish(ra)) == [("stop", "a", "swap")]
+    assert kinds(sim.stopped("a")) == [("start", "b")]
     assert sim.core.waiters == {}
+
+
+def test_a_request_that_may_not_wait_is_answered_at_once_and_its_load_goes_on():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP)
+    sim.serve("a")
+    rb, actions = sim.request("b", wait_s=0)
+    assert kinds(actions) == [("stop", "a", "swap"), ("reject", rb, "queue_timeout")]
+    assert kinds(sim.stopped("a")) == [("start", "b")]
+    assert kinds(sim.loaded("b")) == []
+    rc, actions = sim.request("b", wait_s=0)
+    assert kinds(actions) == [("grant", rc, "b")]  # the next request finds it ready
 
 
 def test_ttl_counts_from_the_last_finished_request():

@@ -66,6 +66,7 @@ class Api:
             web.post("/v1/completions", self.inference(p.openai)),
             web.post("/v1/embeddings", self.inference(p.openai)),
             web.get("/v1/models", self.inference(self.list_models)),
+            web.get("/v1/models/{id}", self.inference(self.get_model)),
             web.get("/health", self.health),
             web.get("/health/{model}", self.model_health),
             web.get("/status", self.status),
@@ -74,7 +75,11 @@ class Api:
             web.get("/usage", self.usage),
             web.get("/metrics", self.prometheus),
             web.get("/running", self.running),
-            web.get("/logs/{model}", self.admin(self.logs)),  # a child's output can hold prompts
+            web.get("/logs", self.admin(self.all_logs)),  # llama-swap's; a child's output can hold prompts
+            web.get("/logs/stream", self.admin(self.stream_logs)),
+            web.get("/logs/stream/{model}", self.admin(self.stream_logs)),
+            web.get("/logs/{model}", self.admin(self.logs)),
+            web.get("/unload", self.admin(self.unload_all)),  # llama-swap's spelling
             web.post("/models/{model}/load", self.admin(self.load)),
             web.post("/models/{model}/unload", self.admin(self.unload)),
             web.post("/unload", self.admin(self.unload_all)),
@@ -87,6 +92,10 @@ class Api:
             web.post("/leases/{id}/renew", self.admin(self.renew_lease)),
             web.delete("/leases/{id}", self.admin(self.delete_lease)),
             web.route("*", "/upstream/{model}/{path:.*}", self.inference(p.upstream)),
+            web.route("*", "/upstream/{model}", self.upstream_slash),
+            # Anything else: a POST whose JSON body names a model goes to that model (/v1/responses, /v1/messages,
+            # /v1/rerank, /infill, /tokenize, ...); the rest is 404.
+            web.route("*", "/{path:.*}", self.inference(self.elsewhere)),
         ])  # fmt: skip
         return app
 
@@ -301,18 +310,39 @@ class Api:
         ]
         return web.json_response({"running": running})
 
-    async def list_models(self, request: web.Request) -> web.Response:
+    def _model_entries(self) -> list[dict[str, Any]]:
         data = []
         for view in self._snapshot().models.values():
+            # llama-swap's word where it has one ("loaded"); /status keeps ours ("ready").
+            value = "loaded" if view.state == "ready" else view.state
             entry = {"id": view.name, "object": "model", "created": self.started, "owned_by": "model-supervisor",
-                     "aliases": view.aliases, "status": {"value": view.state}}  # fmt: skip
+                     "aliases": view.aliases, "status": {"value": value, "state": view.state}}  # fmt: skip
             data.append(entry)
             for alias in view.aliases:
                 data.append({**entry, "id": alias, "alias_of": view.name, "aliases": []})
         for name, target in self.config.cloud.items():
             data.append({"id": name, "object": "model", "created": self.started, "owned_by": "cloud",
                          "cloud_model": target.model, "status": {"value": "cloud"}})  # fmt: skip
-        return web.json_response({"object": "list", "data": data})
+        return data
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": self._model_entries()})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        wanted = request.match_info["id"]
+        for entry in self._model_entries():
+            if entry["id"] == wanted:
+                return web.json_response(entry)
+        raise unknown_model_error(self.config, wanted)
+
+    async def upstream_slash(self, request: web.Request) -> web.Response:
+        location = f"/upstream/{request.match_info['model']}/" + (f"?{request.query_string}" if request.query_string else "")
+        raise web.HTTPFound(location)
+
+    async def elsewhere(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            return await self.proxy.openai(request)
+        raise ApiError(404, "not_found", f"no such endpoint: {request.method} {request.path}")
 
     # ------------------------------------------------------------ gaming mode
 
@@ -329,6 +359,35 @@ class Api:
     async def logs(self, request: web.Request) -> web.Response:
         model = self._model_or_404(request)
         return web.Response(text="\n".join(self.runtime.children.log_lines(model)) + "\n", content_type="text/plain")
+
+    async def all_logs(self, request: web.Request) -> web.Response:
+        """llama-swap's GET /logs: every model's recent output, one section each."""
+        parts = [f"=== {name} ===\n" + "\n".join(self.runtime.children.log_lines(name)) for name in self.config.models]
+        return web.Response(text="\n".join(parts) + "\n", content_type="text/plain")
+
+    async def stream_logs(self, request: web.Request) -> web.StreamResponse:
+        """llama-swap's GET /logs/stream[/{model}]: what the children print, live, as chunked text (each line
+        prefixed with its model when all are followed); ?no-history skips what was printed before."""
+        models = [self._model_or_404(request)] if "model" in request.match_info else list(self.config.models)
+        rings = {name: self.runtime.children.log(name) for name in models}
+        cursors = {name: (ring.total if "no-history" in request.query else 0) for name, ring in rings.items()}
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache",
+                                               "X-Content-Type-Options": "nosniff"})
+        await response.prepare(request)
+        while not self.runtime.closing:
+            for name, ring in rings.items():
+                lines, cursors[name] = ring.since(cursors[name])
+                if lines:
+                    prefix = f"[{name}] " if len(rings) > 1 else ""
+                    await response.write("".join(f"{prefix}{line}\n" for line in lines).encode())
+            waits = [asyncio.ensure_future(ring.grown()) for ring in rings.values()]
+            closing = asyncio.ensure_future(self.runtime.next_change())
+            try:
+                await asyncio.wait([*waits, closing], timeout=EVENTS_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in [*waits, closing]:
+                    waiter.cancel()
+        return response
 
     # ------------------------------------------------------------ admin
 

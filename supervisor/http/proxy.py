@@ -8,7 +8,10 @@ which closes the upstream request (llama-server then stops generating) and retur
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import uuid
+from collections.abc import Callable
 
 import aiohttp
 import structlog
@@ -18,6 +21,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 from ..config import Config
 from ..records import RequestObserver, RequestRecord, ResponseTail
 from ..runtime import Runtime, Ticket
+from ..scheduler import probe
 from .cloud import CloudClient
 from .errors import (NOT_FORWARDED_UP, ApiError, ClientGone, error_response, parse_json, read_body,
                      stream_through)
@@ -48,6 +52,25 @@ def flag_header(request: web.Request, name: str) -> bool:
     raise ApiError(400, "invalid_header", f"header {name} must be true or false")
 
 
+MAX_WAIT_HEADER = "X-Max-Wait-Ms"
+MAX_WAIT_LIMIT_MS = 3_600_000
+
+
+def wait_header(request: web.Request) -> float | None:
+    """X-Max-Wait-Ms: how long this request may wait for its model, in seconds; None when not given."""
+    raw = request.headers.get(MAX_WAIT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_WAIT_LIMIT_MS:
+        raise ApiError(400, "invalid_header", f"header {MAX_WAIT_HEADER} must be a whole number of milliseconds "
+                                              f"from 0 to {MAX_WAIT_LIMIT_MS}")
+    return value / 1000
+
+
 def unknown_model_error(config: Config, name: str) -> ApiError:
     known = ", ".join(sorted(config.models)) or "none"
     return ApiError(404, "model_not_found", f"model {name!r} does not exist (models: {known})")
@@ -59,13 +82,15 @@ class Proxy:
         self.http = http
         self.cloud = cloud
         self.observers: list[RequestObserver] = []  # told about every request that named a model
+        self.probe_observers: list[Callable[[str, bool], None]] = []  # told about every X-Health-Check probe
 
     @property
     def config(self) -> Config:
         return self.runtime.config  # the live config: a reload replaces it
 
     async def openai(self, request: web.Request) -> web.StreamResponse:
-        """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
+        """POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, /v1/messages, ..., and any
+        other POST whose JSON body names a model: routed to that model, the path passed through."""
         body = await read_body(request, self.config.daemon.body_timeout_s)
         payload = parse_json(body)
         if not isinstance(payload, dict):
@@ -74,7 +99,11 @@ class Proxy:
         if not isinstance(name, str) or not name:
             raise ApiError(400, "missing_model", "request body needs a string 'model' naming a model or alias")
         local_only, force = flag_header(request, "X-Local-Only"), flag_header(request, "X-Force-Big")
+        # Only OpenAI's own API has a cloud equivalent; llama-server's extras (/tokenize, /infill...) stay local.
+        local_only = local_only or not request.path.startswith("/v1/")
         model = self.config.resolve(name)
+        if flag_header(request, "X-Health-Check"):
+            return self._probe(request, name, model, payload)
         if model is None:
             if name in self.config.cloud and not local_only:  # asked for the cloud target itself
                 report = _Report(self, request, name, name)
@@ -82,6 +111,23 @@ class Proxy:
                                           name, "requested")  # fmt: skip
             raise unknown_model_error(self.config, name)
         return await self._serve(request, name, model, request.path, body, local_only, force)
+
+    def _probe(self, request: web.Request, name: str, model: str | None, payload: dict) -> web.StreamResponse:
+        """X-Health-Check: true. Answers at once from the scheduler's state: loads nothing, queues nothing, writes
+        no ledger row (a router's health check must never swap the GPU)."""
+        if model is None:
+            if name not in self.config.cloud:
+                raise unknown_model_error(self.config, name)
+            ok, code, reason = True, "cloud", f"{name!r} is a cloud target"
+        else:
+            ok, code, reason = probe(self.runtime.core, model, self.runtime.now())
+        for observer in list(self.probe_observers):
+            observer(model or name, ok)
+        if not ok:
+            state = self.runtime.core.models[model].phase.value if model is not None else "cloud"
+            raise ApiError(503, code, reason, retry_after_s=30 if code == "gaming_mode" else 5,
+                           extra={"model": name, "state": state})
+        return probe_answer(request.path, name, bool(payload.get("stream")), code)
 
     async def upstream(self, request: web.Request) -> web.StreamResponse:
         """ANY /upstream/{model}/{path}: raw pass-through to that model's llama-server (loading it)."""
@@ -98,11 +144,12 @@ class Proxy:
                      local_only: bool, force: bool) -> web.StreamResponse:
         report = _Report(self, request, requested, model)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.daemon.queue_timeout_s
+        max_wait_s = wait_header(request)
+        deadline = loop.time() + (self.config.daemon.queue_timeout_s if max_wait_s is None else max_wait_s)
         resends = 0
         while True:
             try:
-                wait_s = None if not resends else max(0.0, deadline - loop.time())
+                wait_s = max_wait_s if not resends else max(0.0, deadline - loop.time())
                 ticket = await self.runtime.acquire(model, local_only=local_only, force=force, wait_s=wait_s)
             except ApiError as refused:
                 report.done("rejected", "local", refused.status, None)
@@ -212,3 +259,34 @@ class _Report:
                 observer(record)
             except Exception:  # the ledger or metrics failing must not fail the request
                 log.exception("request_observer_failed")
+
+
+def probe_answer(path: str, model: str, stream: bool, code: str) -> web.StreamResponse:
+    """The smallest valid answer of the endpoint a probe was sent to, so a router's health check parses it."""
+    created, ident = int(time.time()), f"health-{uuid.uuid4().hex[:12]}"
+    headers = {"X-Served-By": "health-check", "X-Health-Check": code}
+    if path.endswith("/embeddings"):
+        body: dict = {"object": "list", "model": model, "data": [{"object": "embedding", "index": 0, "embedding": [0.0]}],
+                      "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+    elif path.endswith("/chat/completions"):
+        if stream:
+            chunk = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": "stop"}]}
+            text = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"
+            return web.Response(text=text, content_type="text/event-stream", headers=headers)
+        body = {"id": ident, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+    elif path.endswith("/completions"):
+        body = {"id": ident, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": None}],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+    elif path.endswith("/responses"):
+        body = {"id": ident, "object": "response", "created_at": created, "model": model, "status": "completed",
+                "output": [], "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}}
+    elif path.endswith("/messages"):
+        body = {"id": ident, "type": "message", "role": "assistant", "model": model, "content": [],
+                "stop_reason": "end_turn", "usage": {"input_tokens": 0, "output_tokens": 0}}
+    else:
+        body = {"model": model, "status": "ok"}
+    return web.json_response(body, headers=headers)

@@ -18,7 +18,7 @@ from .events import (
 from .placement import Budget, Candidate, choose_victims, eviction_order, foreign_usage
 from .policy import restart_delay
 from .state import ORPHANED, RESIDENT, Lease, ModelState, Phase, Waiter
-from .views import ModelView, Route, available_now, eta_ms, model_views, queued_requests, route
+from .views import ModelView, Route, available_now, eta_ms, model_views, probe, queued_requests, route
 
 __all__ = [
     "Action", "Budget", "Candidate", "ConfigReloaded", "DropWaiters", "Event", "Fallback", "GamingChanged", "Grant",
@@ -27,5 +27,5 @@ __all__ = [
     "Phase", "Prewarm", "ProcessExited", "RESIDENT", "Reject", "RequestArrived", "RequestCancelled",
     "RequestFinished", "Route", "SchedulerCore", "StartProcess", "StopCause", "StopCompleted", "StopProcess", "Tick",
     "UnloadRequested", "Upstream", "Waiter", "WaiterKind", "available_now", "choose_victims", "eta_ms",
-    "eviction_order", "foreign_usage", "model_views", "queued_requests", "restart_delay", "route",
+    "eviction_order", "foreign_usage", "model_views", "probe", "queued_requests", "restart_delay", "route",
 ]  # fmt: skip

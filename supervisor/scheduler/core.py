@@ -130,7 +130,10 @@ class SchedulerCore:
                 actions += self._unload(event)
             case DropWaiters():
                 for waiter in list(self.waiters.values()):
-                    actions.append(self._reject(waiter, 503, "service_unavailable", event.reason, retry_after_s=5))
+                    if waiter.detached:  # answered already; only its place goes
+                        del self.waiters[waiter.request_id]
+                    else:
+                        actions.append(self._reject(waiter, 503, "service_unavailable", event.reason, retry_after_s=5))
             case LeaseRenewed():
                 lease = self.leases.get(event.lease_id)
                 if lease is not None:
@@ -197,10 +200,6 @@ class SchedulerCore:
             if lease.expires_at <= now:
                 del self.leases[lease.lease_id]
                 actions.append(LeaseEnded(lease.lease_id, lease.owner, "expired"))
-        for waiter in list(self.waiters.values()):
-            if waiter.deadline <= now:
-                actions += self._timed_out(waiter)
-
         # Walk the queue in rank order. `claimed`: models that higher-ranked waiters want resident (a lower-ranked
         # waiter may not displace them). `doomed`: models a higher-ranked placement needs gone (they drain: no new
         # requests). Once a placement waits for memory, lower-ranked ones may not take memory before it.
@@ -248,7 +247,7 @@ class SchedulerCore:
                 if waiter.deadline <= state.retry_at:
                     # It would time out before the next attempt: tell the client why now, not in 30 s.
                     message = f"model {state.name!r} failed: {state.last_error}; next start in {state.retry_at - now:.1f} s"
-                    actions += self._give_up(waiter, 503, "model_failed", message, retry_after_s(state))
+                    actions += self._give_up(waiter, 503, "model_failed", message, retry_after_s(state, now))
                 continue
             if memory_blocked:
                 self.short_of_memory.add(state.name)
@@ -260,6 +259,11 @@ class SchedulerCore:
                 self.short_of_memory.add(state.name)
 
         self.doomed = doomed
+        # After the walk, so a waiter whose bound is now (X-Max-Wait-Ms: 0) is served if it can be, and what it
+        # started (a load, a swap) is under way before it is answered.
+        for waiter in list(self.waiters.values()):
+            if waiter.deadline <= now and waiter.request_id in self.waiters:
+                actions += self._timed_out(waiter, now)
         actions += self._yield_to_others(now)
         actions += self._expire_idle(now)
         actions += self._come_home(now)
@@ -442,7 +446,7 @@ class SchedulerCore:
         message = f"model {state.name!r} failed to load: {error}"
         actions: list[Action] = []
         for waiter in [w for w in self.waiters.values() if w.model == state.name]:
-            actions += self._give_up(waiter, 503, "model_load_failed", message, retry_after_s(state))
+            actions += self._give_up(waiter, 503, "model_load_failed", message, retry_after_s(state, now))
         return actions
 
     # ------------------------------------------------------------ helpers
@@ -476,16 +480,24 @@ class SchedulerCore:
         state = self.models.get(model)
         return state if state is not None and state.instance == instance else None
 
-    def _timed_out(self, waiter: Waiter) -> list[Action]:
+    def _timed_out(self, waiter: Waiter, now: float) -> list[Action]:
         if waiter.kind == "lease":
             lease = waiter.lease
             message = (f"lease of {lease.mb} MB for {lease.owner!r} was not granted within its wait "  # type: ignore[union-attr]
                        f"(free now: {self.free_mb()} MB)")
             return [self._reject(waiter, 503, "lease_timeout", message, retry_after_s=5)]
         state = self.models[waiter.model]
-        message = (f"model {waiter.model!r} was not ready within {self.config.daemon.queue_timeout_s:g} s "
+        message = (f"model {waiter.model!r} was not ready within {waiter.deadline - waiter.arrived:g} s "
                    f"(it is {state.phase.value}); retry shortly")  # fmt: skip
-        return self._give_up(waiter, 503, "queue_timeout", message, retry_after_s(state))
+        detach = waiter.kind == "request" and not waiter.detached
+        actions = self._give_up(waiter, 503, "queue_timeout", message, retry_after_s(state, now))
+        if detach and state.phase is not Phase.READY:
+            # Answered, but its place stays (detached) for another queue_timeout_s: the load or swap it started
+            # goes on, so the next request finds the model ready.
+            waiter.detached = True
+            waiter.deadline = now + self.config.daemon.queue_timeout_s
+            self.waiters[waiter.request_id] = waiter
+        return actions
 
     def _give_up(self, waiter: Waiter, status: int, code: str, message: str, retry_after_s: int) -> list[Action]:
         """The local model cannot serve this request: the cloud takes it if it may go there, else a 503."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..config import ModelConfig
 from .state import ModelState, Phase
 
@@ -41,10 +43,15 @@ def ttl_expiry(state: ModelState) -> float | None:
     return state.last_used + state.config.ttl_s
 
 
-def retry_after_s(state: ModelState) -> int:
-    # Short: a router should fail over or come back soon, not park the request for minutes.
+def retry_after_s(state: ModelState, now: float) -> int:
+    """Retry-After for a model that cannot serve yet: about when it will (what is left of its load, else a load
+    as long as its last one), within 1..60 s so a router comes back rather than giving up on it."""
     expected = state.last_load_s or 1.0
-    return max(1, min(10, round(expected + 0.5)))
+    if state.phase is Phase.LOADING and state.load_started is not None:
+        expected = max(0.0, expected - (now - state.load_started))
+    elif state.phase is Phase.FAILED:
+        expected += max(0.0, state.retry_at - now)
+    return max(1, min(60, math.ceil(expected)))
 
 
 def fallback_reason(state: ModelState, doomed: bool, short_of_memory: bool, leases_held: bool) -> str:

@@ -94,6 +94,24 @@ def route(core: SchedulerCore, model: str, now: float, local_only: bool = False)
     return "queued"
 
 
+def probe(core: SchedulerCore, model: str, now: float) -> tuple[bool, str, str]:
+    """An availability probe (X-Health-Check): can a request for this model be served, now or by a load that may
+    start now? (yes or no, a code, a reason for a person). Changes nothing."""
+    state = core.models[model]
+    if available_now(core, model):
+        return True, "loaded", f"model {model!r} is loaded"
+    if state.retiring:
+        return False, "model_removed", f"model {model!r} was removed from the config"
+    if kept_out_by_gaming(core.gaming, state.config, False):
+        return False, "gaming_mode", f"model {model!r} is not allowed in gaming mode"
+    if state.phase is Phase.FAILED and now < state.retry_at:
+        return False, "model_failed", f"model {model!r} failed: {state.last_error}"
+    if core.budget is not None and state.need_mb > core.budget.usable_mb:
+        return False, "insufficient_memory", (f"model {model!r} needs {state.need_mb} MB but only "
+                                              f"{core.budget.usable_mb} MB are usable")
+    return True, "loadable", f"model {model!r} can be loaded (it is {state.phase.value})"
+
+
 def queued_requests(core: SchedulerCore) -> dict[str, int]:
     """Requests waiting per model (places kept after a cloud answer do not count)."""
     queued: dict[str, int] = {}
