@@ -256,6 +256,7 @@ class Kill:
     mode: str  # idle | while_answering
     victims: list[int] = field(default_factory=list)  # requests being answered by that child at the kill
     noticed_after_s: float | None = None  # when /status stopped naming the dead pid (None: not within the bound)
+    status_before: dict[str, Any] = field(default_factory=dict)  # /status of every model just before the kill
 
 
 @dataclass
@@ -720,7 +721,8 @@ class Chaos:
                         child.send_signal(signal.SIGKILL)
                     except psutil.Error:
                         continue
-                    kill = Kill(self.now(), model, pid, mode, victims)
+                    kill = Kill(self.now(), model, pid, mode, victims, status_before={
+                        n: {k: m[k] for k in ("state", "pid", "in_flight", "queued")} for n, m in doc["models"].items()})
                     self.kills.append(kill)
                     if mode == "idle":
                         # A client arriving right after the crash, before the daemon may have seen it: its request
@@ -735,7 +737,7 @@ class Chaos:
                     watch.add_done_callback(self.watchers.discard)
                     watch.add_done_callback(self.note_error)
                     self.fault_log.append({"at": kill.at, "fault": "kill", "model": model, "pid": pid, "mode": mode,
-                                           "victims": len(victims)})  # fmt: skip
+                                           "victims": len(victims), "status_before": kill.status_before})  # fmt: skip
                     return
             await asyncio.sleep(0.02)
         self.kill_skipped += 1
@@ -1270,7 +1272,7 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(f"SIGTERM: exit {t['exit_code']} in {t['took_s']} s, llama-server left: {t['children_left'] or 'none'}")
     log = r["daemon_log"]
     lines.append(f"daemon log: errors {log['errors'] or 'none'}, warnings {log['warnings'] or 'none'}, "
-                 f"{log['tracebacks']} tracebacks ({log['path']})")
+                 f"{log['tracebacks']} tracebacks" + (f" ({log['path']})" if m.get("work_kept") else ""))
     if r["ok"]:
         lines.append("RESULT: PASS")
     else:
@@ -1328,6 +1330,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
         else:
             say(f"logs and config kept in {work}")
+        if report is not None:
+            report["meta"]["work_kept"] = work.exists()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(summary(report))

@@ -28,7 +28,8 @@ from .config import LiveConfig
 from .notices import Notice, PromptCacheRestored, PromptCacheSaved
 from .promptcache import PromptCache
 from .estimate import shard_paths
-from .process import (HOST, LlamaServer, LogRing, PortPool, child_environment, group_members, kill_and_wait,
+from .process import (HOST, CmdServer, LlamaServer, LogRing, PortPool, child_environment, group_members,
+                      kill_and_wait,
                       option_value, prewarm, start_time)
 from .scheduler import StopCause, Upstream
 
@@ -71,7 +72,9 @@ class Children(Protocol):
         """The live config was replaced."""
         ...
 
-    def pids(self) -> list[int]: ...
+    def process_trees(self) -> dict[int, list[int]]:
+        """Each running child's pid with every pid of its process group (what its memory is measured over)."""
+        ...
 
     async def close(self) -> None:
         """Kill whatever is still running, at once."""
@@ -236,8 +239,13 @@ class LlamaChildren:
     async def start(self, model: str) -> Upstream:
         config = self.live.current
         spec = config.models[model]
-        args = [*spec.args, *self.prompt_cache.child_args(model)]
-        server = LlamaServer(model, self.live.binary, spec.model, args, self._log(model), self.http, self.env)
+        env = {**self.env, **spec.env_vars()}
+        if spec.cmd is not None:
+            server: LlamaServer = CmdServer(model, spec.argv(), env, spec.check_endpoint, spec.proxy, self._log(model),
+                                            self.http)
+        else:
+            args = [*spec.args, *self.prompt_cache.child_args(model)]
+            server = LlamaServer(model, self.live.binary, spec.model, args, self._log(model), self.http, env)
         server.on_spawn = self._spawned
         self.servers[model] = server
         try:
@@ -246,8 +254,10 @@ class LlamaChildren:
             self._forget(model, server)  # it stopped what it spawned; a cancelled start is stopped by stop()
             raise
         assert server.port is not None
-        upstream = Upstream(f"http://{HOST}:{server.port}", server.pid, server.port)
+        upstream = Upstream(server.base_url, server.pid, server.port)
         self._answering.add(model)
+        if spec.cmd is not None:
+            return upstream  # slots are llama-server's
         restored = await self.prompt_cache.restore(model, upstream.base_url)  # before it is reported ready
         if restored is not None:
             self.notify(PromptCacheRestored(model, restored.slots, restored.tokens, restored.bytes, restored.seconds))
@@ -268,7 +278,8 @@ class LlamaChildren:
         server = self.servers.get(model)
         if server is None:
             return None
-        if cause != "crash" and model in self._answering and server.returncode is None and server.port is not None:
+        if cause != "crash" and model in self._answering and server.returncode is None and server.port is not None \
+                and not isinstance(server, CmdServer):
             saved = await self.prompt_cache.save(model, f"http://{HOST}:{server.port}")  # bounded, never raises
             if saved is not None:
                 self.notify(PromptCacheSaved(model, saved.slots, saved.tokens, saved.bytes, saved.seconds))
@@ -278,7 +289,8 @@ class LlamaChildren:
         return server.pid
 
     async def prewarm(self, model: str) -> int:
-        return await asyncio.to_thread(prewarm, shard_paths(self.live.current.models[model].model))
+        path = self.live.current.models[model].model
+        return 0 if path is None else await asyncio.to_thread(prewarm, shard_paths(path))
 
     def log_lines(self, model: str) -> list[str]:
         return self._log(model).lines()
@@ -292,8 +304,8 @@ class LlamaChildren:
     def reloaded(self) -> None:
         self.prompt_cache.prune()  # what removed models saved goes with them
 
-    def pids(self) -> list[int]:
-        return [s.pid for s in self.servers.values() if s.pid is not None]
+    def process_trees(self) -> dict[int, list[int]]:
+        return {s.pid: group_members(s.pid) or [s.pid] for s in self.servers.values() if s.pid is not None}
 
     async def close(self) -> None:
         for server in list(self.servers.values()):

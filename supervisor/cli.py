@@ -152,9 +152,13 @@ def describe_models(config: Config) -> str:
         flags = ",".join(f for f, on in (("swap", group.swap), ("exclusive", group.exclusive),
                                           ("persistent", group.persistent)) if on)  # fmt: skip
         ttl = "never" if not model.ttl_s else f"{model.ttl_s:g}s"
-        size = f" ({model.model.stat().st_size / 2**20:.0f} MB)" if model.model.is_file() else ""
+        if model.model is None:  # a cmd model
+            what, args = "cmd: " + " ".join(model.argv()[:1]), " ".join(model.argv()[1:]) or "-"
+        else:
+            size = f" ({model.model.stat().st_size / 2**20:.0f} MB)" if model.model.is_file() else ""
+            what, args = f"{model.model}{size}", " ".join(model.args) or "-"
         rows.append((name, f"{model.group}[{flags}]", ttl, str(model.priority), ",".join(model.aliases) or "-",
-                     f"{model.model}{size}", " ".join(model.args) or "-"))  # fmt: skip
+                     what, args))  # fmt: skip
     return table(rows)
 
 
@@ -319,15 +323,16 @@ def cmd_lease(args: argparse.Namespace) -> int:
     if status != 201:
         print(f"model-supervisor lease: not granted: {_message(answer)}", file=sys.stderr)
         return EXIT_NOT_GRANTED
-    lease_id = answer["id"]
+    lease = _HeldLease(answer["id"])
     stop_renewing = threading.Event()
-    renewer = threading.Thread(target=_renew_until, args=(args, lease_id, args.ttl_s / 3, stop_renewing), daemon=True)
+    renewer = threading.Thread(target=_renew_until, args=(args, body, lease, args.ttl_s / 3, stop_renewing),
+                               daemon=True)  # fmt: skip
     renewer.start()
     try:
         child = subprocess.Popen(command)
     except OSError as exc:
         print(f"model-supervisor lease: cannot run {command[0]}: {exc}", file=sys.stderr)
-        _release(args, lease_id, stop_renewing)
+        _release(args, lease, stop_renewing)
         return 127
     forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {signum: signal.signal(signum, lambda signum, frame: child.send_signal(signum)) for signum in forwarded}
@@ -336,24 +341,87 @@ def cmd_lease(args: argparse.Namespace) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        _release(args, lease_id, stop_renewing)
+        _release(args, lease, stop_renewing)
     return 128 - code if code < 0 else code  # killed by signal N: 128+N, as a shell reports it
 
 
-def _renew_until(args: argparse.Namespace, lease_id: int, every_s: float, stop: threading.Event) -> None:
-    while not stop.wait(every_s):
+LEASE_RETRY_S = 1.0  # while the lease is not held: how often to try again
+
+
+class _HeldLease:
+    """The lease the wrapper holds. Its id changes when a restarted daemon grants it again."""
+
+    def __init__(self, lease_id: int):
+        self.id = lease_id
+        self.released = False
+        self.lock = threading.Lock()
+
+
+def _listed(args: argparse.Namespace, lease_id: int, pid: int) -> bool | None:
+    """Whether the daemon lists lease `lease_id` as this process's; None if it does not say. A restarted daemon
+    numbers leases from 1 again, so a renewal that succeeds may have renewed another holder's lease."""
+    status, answer = call(args, "GET", "/leases", timeout=10)
+    if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("leases"), list):
+        return None
+    return any(x.get("id") == lease_id and x.get("pid") == pid for x in answer["leases"] if isinstance(x, dict))
+
+
+def _renew_until(args: argparse.Namespace, body: dict[str, Any], lease: _HeldLease, every_s: float,
+                 stop: threading.Event) -> None:
+    """Renew every every_s. When the daemon no longer knows the lease (it restarted, or the lease expired while
+    it was unreachable), ask for it again with the same figures; until it is held again, retry every second and
+    say so once."""
+    said: str | None = None  # what was last said about trouble, so that each is said once
+
+    def trouble(kind: str, text: str) -> None:
+        nonlocal said
+        if said != kind:
+            print(f"model-supervisor lease: {text}", file=sys.stderr)
+        said = kind
+
+    pause = every_s
+    while not stop.wait(pause):
+        pause = min(every_s, LEASE_RETRY_S)  # until the lease is known to be held again
+        lease_id = lease.id
         try:
-            status, answer = call(args, "POST", f"/leases/{lease_id}/renew", timeout=10)
+            if _listed(args, lease_id, body["pid"]) is not False:
+                status, answer = call(args, "POST", f"/leases/{lease_id}/renew", timeout=10)
+                if status == 200:
+                    if said is not None:
+                        print(f"model-supervisor lease: the daemon answers again; lease {lease_id} still held",
+                              file=sys.stderr)  # fmt: skip
+                    said, pause = None, every_s
+                    continue
+                if status != 404:
+                    trouble("refused", f"renewing lease {lease_id} failed: {_message(answer)}; retrying")
+                    continue
+            status, answer = call(args, "POST", "/leases", timeout=body["wait_s"] + 30, body=body)
         except Unreachable as exc:
-            print(f"model-supervisor lease: renewal failed: {exc}", file=sys.stderr)
+            trouble("unreachable", f"{exc}; the command keeps running; retrying until the daemon is back")
             continue
-        if status != 200:
-            print(f"model-supervisor lease: lease {lease_id} lost: {_message(answer)}", file=sys.stderr)
+        if status != 201:
+            trouble("not_granted", f"lease {lease_id} is gone and cannot be taken again yet: {_message(answer)}; "
+                                   "retrying")  # fmt: skip
+            continue
+        with lease.lock:
+            lease.id, released = answer["id"], lease.released
+        if released:  # the command ended meanwhile: nothing to hold it for
+            _delete_lease(args, answer["id"])
             return
+        print(f"model-supervisor lease: the daemon no longer knew lease {lease_id} (restarted, or the lease "
+              f"expired); lease taken again (id {answer['id']})", file=sys.stderr)  # fmt: skip
+        said, pause = None, every_s
 
 
-def _release(args: argparse.Namespace, lease_id: int, stop_renewing: threading.Event) -> None:
+def _release(args: argparse.Namespace, lease: _HeldLease, stop_renewing: threading.Event) -> None:
     stop_renewing.set()
+    with lease.lock:
+        lease.released = True
+        lease_id = lease.id
+    _delete_lease(args, lease_id)
+
+
+def _delete_lease(args: argparse.Namespace, lease_id: int) -> None:
     try:
         call(args, "DELETE", f"/leases/{lease_id}", timeout=10)
     except Unreachable as exc:  # it expires on its own, or goes when the daemon sees this process exit
@@ -475,7 +543,7 @@ def stale_files(config: Config, last_used: dict[str, float], ledger_began: float
 
     users: dict[Path, list[str]] = {}
     for name, model in config.models.items():
-        for shard in shard_paths(model.model):
+        for shard in shard_paths(model.model) if model.model is not None else []:
             users.setdefault(shard, []).append(name)
     cutoff = now - days * 86400
     stale, missing = [], []

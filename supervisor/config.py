@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shlex
 import shutil
 import tomllib
 from dataclasses import dataclass
@@ -142,7 +143,13 @@ class GroupConfig(Section):
 
 
 class ModelConfig(Section):
-    model: Path
+    # Either a GGUF that the daemon runs llama-server for (model, args), or any server command (cmd): one of them.
+    model: Path | None = None
+    cmd: str | list[str] | None = None
+    env: list[str] = []  # "K=V" entries added to the child's (minimal) environment
+    check_endpoint: str = "/health"  # cmd: ready when this answers 200 at proxy; "none": when the port accepts
+    proxy: str = "http://127.0.0.1:${PORT}"  # cmd: where it answers
+    route_prefixes: list[str] = []  # request paths starting with one of these go to this model, unchanged
     aliases: list[str] = []
     args: list[str] = []
     group: str = DEFAULT_GROUP
@@ -169,6 +176,64 @@ class ModelConfig(Section):
         for alias in value:
             check_name(alias)
         return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_entries(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            name = entry.split("=", 1)[0]
+            if "=" not in entry or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise ValueError(f"{entry!r} is not NAME=VALUE")
+        return value
+
+    @field_validator("check_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if value != "none" and not value.startswith("/"):
+            raise ValueError('must be a path starting with "/", or "none" (ready when the port accepts)')
+        return value
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// URL (${PORT} and ${MODEL_ID} are replaced)")
+        return value.rstrip("/")
+
+    @field_validator("route_prefixes")
+    @classmethod
+    def _prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if not prefix.startswith("/") or prefix == "/":
+                raise ValueError(f"{prefix!r}: a prefix is a path like \"/sdapi/\" (not \"/\")")
+        return value
+
+    @model_validator(mode="after")
+    def _model_or_cmd(self) -> ModelConfig:
+        if (self.model is None) == (self.cmd is None):
+            raise ValueError("set either `model` (a GGUF file, run with llama-server) or `cmd` (any server's "
+                             "command line), not both" if self.model is not None else
+                             "needs `model` (a GGUF file, run with llama-server) or `cmd` (any server's command line)")
+        if self.cmd is not None:
+            argv = self.argv()
+            if not argv:
+                raise ValueError("cmd is empty")
+            if self.args:
+                raise ValueError("args are for a `model` run by llama-server; put a cmd's arguments in cmd")
+        return self
+
+    def argv(self) -> list[str]:
+        """A cmd model's command line, macros not yet replaced."""
+        if isinstance(self.cmd, list):
+            return list(self.cmd)
+        return shlex.split(self.cmd or "")
+
+    def env_vars(self) -> dict[str, str]:
+        return dict(entry.split("=", 1) for entry in self.env)
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.model is not None
 
     @field_validator("args")
     @classmethod
@@ -382,7 +447,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def _relative_to(config: Config, base: Path) -> Config:
     """Model paths and state_dir in a config file are relative to that file, not to wherever the daemon starts."""
     models = {
-        name: model.model_copy(update={"model": _anchor(model.model, base)}) for name, model in config.models.items()
+        name: model.model_copy(update={"model": _anchor(model.model, base)}) if model.model is not None else model
+        for name, model in config.models.items()
     }
     updates: dict[str, Any] = {"state_dir": _anchor(config.daemon.state_dir, base)}
     if "/" in config.daemon.llama_server:  # a path (not a name to look up on PATH)
@@ -397,7 +463,10 @@ def _anchor(path: Path, base: Path) -> Path:
 
 
 def find_llama_server(config: Config) -> str:
-    """The llama-server binary: env LLAMA_SERVER, else [daemon] llama_server (a path or a name on PATH)."""
+    """The llama-server binary: env LLAMA_SERVER, else [daemon] llama_server (a path or a name on PATH); "" when
+    every model is a cmd (none is needed)."""
+    if not needs_llama_server(config):
+        return ""
     candidate = os.environ.get(LLAMA_SERVER_ENV) or config.daemon.llama_server
     origin = LLAMA_SERVER_ENV if os.environ.get(LLAMA_SERVER_ENV) else "daemon.llama_server"
     resolved = shutil.which(os.path.expanduser(candidate))
@@ -413,12 +482,21 @@ def find_llama_server(config: Config) -> str:
 
 
 def preflight(config: Config) -> list[str]:
-    """Problems that a valid config can still have on this host: missing model files."""
-    return [
-        f"models.{name}.model: file not found: {model.model}"
-        for name, model in config.models.items()
-        if not model.model.is_file()
-    ]
+    """Problems that a valid config can still have on this host: missing model files, cmds not found."""
+    problems = []
+    for name, model in config.models.items():
+        if model.model is not None and not model.model.is_file():
+            problems.append(f"models.{name}.model: file not found: {model.model}")
+        if model.cmd is not None:
+            program = model.argv()[0]
+            if shutil.which(os.path.expanduser(program)) is None:
+                problems.append(f"models.{name}.cmd: {program!r} not found (not an executable file, nor on PATH)")
+    return problems
+
+
+def needs_llama_server(config: Config) -> bool:
+    """A config whose models all use cmd runs without llama-server."""
+    return any(model.is_gguf for model in config.models.values())
 
 
 # Settings a running daemon keeps until it restarts: its socket, its state, its children's ports, its probe.
@@ -450,7 +528,8 @@ def diff_configs(old: Config, new: Config) -> ConfigDiff:
         before = old.models.get(name)
         if before is None:
             added.append(name)
-        elif (before.model, before.args) != (model.model, model.args):
+        elif (before.model, before.args, before.cmd, before.env, before.proxy, before.check_endpoint) != \
+                (model.model, model.args, model.cmd, model.env, model.proxy, model.check_endpoint):
             process_changed.append(name)
         elif before != model:
             changed.append(name)

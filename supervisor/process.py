@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import aiohttp
+import yarl
 import psutil
 
 HOST = "127.0.0.1"
@@ -277,6 +278,7 @@ class LlamaServer:
         self.proc: asyncio.subprocess.Process | None = None
         self.stopping = False
         self.on_spawn: Callable[[LlamaServer], None] | None = None  # the owner records what runs, for a restart
+        self.kind = "llama-server"  # what the messages call it
         self._exited = asyncio.Event()  # the child (not its pipes) is gone: set by _ChildProtocol
         self._reader: asyncio.Task[None] | None = None
 
@@ -331,14 +333,15 @@ class LlamaServer:
             while True:
                 if exited.done():
                     await self._drain_output()
-                    raise LoadError(f"llama-server exited with code {self.proc.returncode} while loading; "
+                    raise LoadError(f"{self.kind} exited with code {self.proc.returncode} while loading; "
                                     f"last output:\n{self.log.tail()}")
                 if await self._healthy():
                     return
+                self._check_progress()
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     await self.stop(grace_s=2)
-                    raise LoadError(f"llama-server was not ready after {timeout_s:g} s (health_timeout_s); "
+                    raise LoadError(f"{self.kind} was not ready after {timeout_s:g} s (health_timeout_s); "
                                     f"last output:\n{self.log.tail()}")
                 self.log.changed.clear()
                 output = asyncio.ensure_future(self.log.changed.wait())
@@ -368,6 +371,13 @@ class LlamaServer:
                     self.stopping = False
                     continue
                 raise
+
+    def _check_progress(self) -> None:
+        """Raise LoadError when it is clear the child can never become ready (subclasses)."""
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
 
     def bind_failed(self) -> bool:
         tail = self.log.tail(8).lower()
@@ -437,7 +447,7 @@ class LlamaServer:
 
     async def _healthy(self) -> bool:
         try:
-            async with self.http.get(f"http://{HOST}:{self.port}/health",
+            async with self.http.get(f"{self.base_url}/health",
                                      timeout=aiohttp.ClientTimeout(total=2)) as response:
                 return response.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
@@ -455,3 +465,67 @@ class LlamaServer:
             # The pipe closes when the child (and its group) is gone; bound the wait in case a grandchild holds it.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
+
+
+class CmdServer(LlamaServer):
+    """Any server as a model (llama-swap's `cmd`): its command line from a template where ${PORT} and ${MODEL_ID}
+    are replaced, extra environment, ready when `check_endpoint` answers 200 at its proxy URL (or, with "none",
+    when its port accepts a connection), reached at that URL. Same guarantees as llama-server: own process group,
+    dies with the daemon, minimal environment, output kept."""
+
+    OTHER_PORT_CHECK_S = 1.0  # how often to look whether it listens somewhere else than it was told
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], check_endpoint: str, proxy: str,
+                 log: LogRing, http: aiohttp.ClientSession):
+        super().__init__(name, argv[0], Path(argv[0]), [], log, http, env)
+        self.argv = argv
+        self.check_endpoint = check_endpoint
+        self.proxy = proxy
+        self.kind = f"{Path(argv[0]).name} (cmd of {name})"
+        self._next_port_check = 0.0
+
+    def _expand(self, text: str) -> str:
+        return text.replace("${PORT}", str(self.port)).replace("${MODEL_ID}", self.name)
+
+    def command(self, port: int) -> list[str]:
+        self.port = port
+        return [self._expand(arg) for arg in self.argv]
+
+    @property
+    def base_url(self) -> str:
+        return self._expand(self.proxy).rstrip("/")
+
+    async def _healthy(self) -> bool:
+        if self.check_endpoint == "none":
+            url = yarl.URL(self.base_url)
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(url.host, url.port), 2)
+            except (OSError, TimeoutError):
+                return False
+            writer.close()
+            return True
+        try:
+            async with self.http.get(self.base_url + self.check_endpoint,
+                                     timeout=aiohttp.ClientTimeout(total=2)) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    def _check_progress(self) -> None:
+        """A server told to use ${PORT} that listens on another port instead will never answer there: say so now
+        rather than after health_timeout_s."""
+        loop = asyncio.get_running_loop()
+        if self.proc is None or loop.time() < self._next_port_check or not any("${PORT}" in a for a in self.argv):
+            return
+        self._next_port_check = loop.time() + self.OTHER_PORT_CHECK_S
+        listening = set()
+        for pid in group_members(self.proc.pid) or [self.proc.pid]:
+            try:
+                connections = psutil.Process(pid).net_connections(kind="tcp")
+            except psutil.Error:
+                continue
+            listening |= {c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN}
+        if listening and self.port not in listening:
+            ports = ", ".join(str(p) for p in sorted(listening))
+            raise LoadError(f"{self.kind} listens on port {ports}, not on the port it was given ({self.port}): "
+                            "use ${PORT} in cmd where the server takes its port")

@@ -92,7 +92,8 @@ class PromptCache:
     def enabled(self, model: str) -> bool:
         config = self.live.current
         spec = config.models.get(model)
-        return bool(config.prompt_cache.enabled and spec is not None and spec.prompt_cache and self.budget_bytes)
+        return bool(config.prompt_cache.enabled and spec is not None and spec.model is not None and spec.prompt_cache
+                    and self.budget_bytes)
 
     def directory(self, model: str) -> Path:
         return self.root / model

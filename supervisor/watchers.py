@@ -7,6 +7,7 @@ anything. A failure in one (a probe error, a full disk) is logged and watching g
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -24,6 +25,19 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 log = structlog.get_logger("supervisor")
+
+
+def fold_trees(snapshot: MemorySnapshot, trees: dict[int, list[int]]) -> MemorySnapshot:
+    """What a child's whole process tree holds, counted on the child: a server started through a shell or a
+    launcher holds its memory in a grandchild, and that is still the model's, not another program's."""
+    if snapshot.process_mb is None:
+        return snapshot
+    folded = dict(snapshot.process_mb)
+    for leader, tree in trees.items():
+        total = sum(folded.pop(pid, 0) for pid in tree if pid != leader) + folded.get(leader, 0)
+        if total:
+            folded[leader] = total
+    return dataclasses.replace(snapshot, process_mb=folded)
 
 
 class MemoryWatcher:
@@ -45,6 +59,9 @@ class MemoryWatcher:
                 continue
             if isinstance(model.vram_mb, int):
                 needs[name], self.need_source[name] = model.vram_mb, "config"
+                continue
+            if model.model is None:  # a cmd: no GGUF to estimate from; learned once it has run
+                needs[name], self.need_source[name] = 0, "unknown"
                 continue
             learned = self._learned(name, model.model, list(model.args))
             if learned is not None:
@@ -69,11 +86,13 @@ class MemoryWatcher:
 
     def measure(self) -> MemorySnapshot | None:
         """Read the probe and tell the core. A probe error is logged and the last reading stays."""
+        groups = self.runtime.children.process_trees()
         try:
-            snapshot = self.probe.snapshot(self.runtime.children.pids())
+            snapshot = self.probe.snapshot([pid for tree in groups.values() for pid in tree])
         except ProbeError as exc:
             log.warning("memory_probe_failed", error=str(exc))
             return None
+        snapshot = fold_trees(snapshot, groups)
         self.runtime.dispatch(MemoryMeasured(snapshot, self.runtime.now()))
         return snapshot
 
@@ -90,7 +109,7 @@ class MemoryWatcher:
         if snapshot is None or name not in config.models or isinstance(config.models[name].vram_mb, int):
             return
         if snapshot.process_mb is not None and pid in snapshot.process_mb:
-            measured = snapshot.process_mb[pid]
+            measured = snapshot.process_mb[pid]  # its whole process tree (measure() folds it onto the leader)
         elif used_before is not None and alone:
             measured = snapshot.used_mb - used_before
         else:
@@ -101,7 +120,7 @@ class MemoryWatcher:
         log.info("memory_learned", model=name, measured_mb=measured, estimated_mb=estimate)
         self.need_source[name] = "learned"
         self.runtime.dispatch(NeedLearned(name, measured, self.runtime.now()))
-        if self.learned is not None:
+        if self.learned is not None and config.models[name].model is not None:
             model = config.models[name]
             try:
                 self.learned.put(name, model.model, list(model.args), measured)

@@ -78,8 +78,8 @@ class FakeChildren:
     def reloaded(self) -> None:
         pass
 
-    def pids(self) -> list[int]:
-        return list(self.running.values())
+    def process_trees(self) -> dict[int, list[int]]:
+        return {pid: [pid] for pid in self.running.values()}
 
     async def close(self) -> None:
         for model in list(self.running):

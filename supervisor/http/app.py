@@ -340,6 +340,9 @@ class Api:
         raise web.HTTPFound(location)
 
     async def elsewhere(self, request: web.Request) -> web.StreamResponse:
+        prefixed = self.proxy.prefixed(request.path)
+        if prefixed is not None:  # a model's route_prefixes: passed through unchanged, WebSockets too
+            return await self.proxy.pass_through(request, prefixed, prefixed, request.path)
         if request.method == "POST":
             return await self.proxy.openai(request)
         raise ApiError(404, "not_found", f"no such endpoint: {request.method} {request.path}")

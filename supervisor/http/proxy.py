@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import aiohttp
 import structlog
+import yarl
 from aiohttp import web
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
@@ -130,15 +131,70 @@ class Proxy:
         return probe_answer(request.path, name, bool(payload.get("stream")), code)
 
     async def upstream(self, request: web.Request) -> web.StreamResponse:
-        """ANY /upstream/{model}/{path}: raw pass-through to that model's llama-server (loading it)."""
+        """ANY /upstream/{model}/{path}: raw pass-through to that model's server (loading it), WebSockets too."""
         name = request.match_info["model"]
         model = self.config.resolve(name)
         if model is None:
             raise unknown_model_error(self.config, name)
-        body = await read_body(request, self.config.daemon.body_timeout_s)
-        # Raw paths mean nothing to a cloud target: this route is local only.
+        return await self.pass_through(request, name, model, "/" + request.match_info["path"])
+
+    def prefixed(self, path: str) -> str | None:
+        """The model whose route_prefixes claim this path (for clients that cannot be pointed at /upstream/)."""
+        for name, spec in self.config.models.items():
+            if any(path.startswith(prefix) for prefix in spec.route_prefixes):
+                return name
+        return None
+
+    async def pass_through(self, request: web.Request, name: str, model: str, path: str) -> web.StreamResponse:
+        # Raw paths mean nothing to a cloud target: this is local only.
         force = flag_header(request, "X-Force-Big")
-        return await self._serve(request, name, model, "/" + request.match_info["path"], body, True, force)
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._websocket(request, model, path, force)
+        body = await read_body(request, self.config.daemon.body_timeout_s)
+        return await self._serve(request, name, model, path, body, True, force)
+
+    async def _websocket(self, request: web.Request, model: str, path: str, force: bool) -> web.StreamResponse:
+        """Relay a WebSocket (ComfyUI's UI and progress use one) to the model's server. The model is loaded for it,
+        but an open socket does not hold the model: a swap or unload closes it, as it would a stream."""
+        ticket = await self.runtime.acquire(model, local_only=True, force=force)
+        try:
+            assert ticket.upstream is not None
+            url = yarl.URL(ticket.upstream.base_url.replace("http", "ws", 1) + path).with_query(request.query)
+            headers = {k: v for k, v in request.headers.items()
+                       if k.lower() not in NOT_FORWARDED_UP and not k.lower().startswith("sec-websocket")}
+            protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+            try:
+                upstream = await self.http.ws_connect(url, headers=headers, protocols=protocols, autoping=False)
+            except (aiohttp.ClientError, OSError) as exc:
+                raise ApiError(502, "upstream_unreachable", f"model {model!r} refused the WebSocket: {exc}") from None
+        finally:
+            self.runtime.release(ticket)
+        client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (), autoping=False)
+        await client.prepare(request)
+
+        async def relay(source, sink) -> None:
+            async for message in source:
+                if message.type in (aiohttp.WSMsgType.TEXT,):
+                    await sink.send_str(message.data)
+                elif message.type is aiohttp.WSMsgType.BINARY:
+                    await sink.send_bytes(message.data)
+                elif message.type is aiohttp.WSMsgType.PING:
+                    await sink.ping(message.data)
+                elif message.type is aiohttp.WSMsgType.PONG:
+                    await sink.pong(message.data)
+                else:
+                    break
+
+        relays = [asyncio.ensure_future(relay(client, upstream)), asyncio.ensure_future(relay(upstream, client))]
+        try:
+            await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in relays:
+                task.cancel()
+            await asyncio.gather(*relays, return_exceptions=True)
+            await upstream.close()
+            await client.close()
+        return client
 
     async def _serve(self, request: web.Request, requested: str, model: str, path: str, body: bytes,
                      local_only: bool, force: bool) -> web.StreamResponse:
