@@ -308,6 +308,7 @@ class LlamaChildren:
         return {s.pid: group_members(s.pid) or [s.pid] for s in self.servers.values() if s.pid is not None}
 
     async def close(self) -> None:
+        await self.prompt_cache.flush()
         for server in list(self.servers.values()):
             await server.stop(grace_s=0)
         self.servers.clear()

@@ -40,12 +40,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="model-supervisor", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"model-supervisor {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--url", help=f"the daemon's URL (default: ${URL_ENV}, else the config's listen)")
-        sub.add_argument("--config", help=f"config to read listen/admin token from (default: ${CONFIG_ENV} or ./models.toml)")
+        sub.add_argument("--config", help=f"config to read listen/admin token from (default: ${CONFIG_ENV}, else "
+                                          f"./models.toml, else {INSTALLED_CONFIG})")
         return sub
 
     run = commands.add_parser("run", help="start the daemon in the foreground")
@@ -54,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     check = commands.add_parser("check-config", help="validate a config and print what would run")
-    check.add_argument("path")
+    check.add_argument("path", nargs="?", help="the config (default: as --config)")
+    check.add_argument("--config", dest="config", help=f"the same as PATH (default: ${CONFIG_ENV}, else ./models.toml, "
+                                                     f"else {INSTALLED_CONFIG})")
     check.add_argument("--no-files", action="store_true", help="do not require the GGUF files and llama-server here")
     check.set_defaults(func=cmd_check_config)
 
@@ -105,8 +109,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INSTALLED_CONFIG = Path("/etc/model-supervisor/models.toml")
+
+
 def config_path(given: str | None) -> Path:
-    return Path(given or os.environ.get(CONFIG_ENV) or "models.toml")
+    """--config, else $MODEL_SUPERVISOR_CONFIG, else ./models.toml, else the installed host's config."""
+    if given or os.environ.get(CONFIG_ENV):
+        return Path(given or os.environ[CONFIG_ENV])
+    local = Path("models.toml")
+    if _exists(local) or not _exists(INSTALLED_CONFIG):
+        return local
+    return INSTALLED_CONFIG
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a directory we may not enter: as good as absent
+        return False
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("model-supervisor")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def warn_unset_keys(config: Config) -> None:
+    """A cloud target whose key variable is unset will be refused by its provider: say so before it matters."""
+    for name, target in config.cloud.items():
+        if target.api_key_env and not os.environ.get(target.api_key_env):
+            print(f"model-supervisor: warning: cloud.{name}.api_key_env: ${target.api_key_env} is not set; requests "
+                  f"to {name!r} will be sent without a key", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- run / check-config
@@ -123,11 +160,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError(problems, str(config_path(args.config)))
     check_exposure(config)
+    warn_unset_keys(config)
     return asyncio.run(serve(config, binary, config_path=str(config_path(args.config))))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    args.path = str(args.path or config_path(args.config))
     config = load_config(args.path)
+    warn_unset_keys(config)
     problems: list[str] = []
     binary = "(not checked)"
     if not args.no_files:
@@ -179,7 +219,7 @@ def _client_settings(args: argparse.Namespace) -> tuple[str, str]:
     url = args.url or os.environ.get(URL_ENV)
     token_env = "MODEL_SUPERVISOR_ADMIN_TOKEN"
     path = config_path(args.config)
-    if path.is_file():
+    if _exists(path):
         config = load_config(path)
         token_env = config.daemon.admin_token_env or token_env
         if not url:

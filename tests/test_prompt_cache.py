@@ -104,6 +104,7 @@ async def test_a_damaged_file_is_not_restored_and_the_model_serves(start_daemon,
     d = await start_daemon(pair(tiny_models))
     full, first_answer = await ask(d, "a")
     await ask(d, "b", "x")
+    await d.daemon.children.prompt_cache.flush()  # its checksum is recorded (after the stop, off the swap's path)
     (saved,) = (tmp_path / "state" / "prompt-cache" / "a").glob("slot-*.bin")
     data = bytearray(saved.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -116,19 +117,20 @@ async def test_a_damaged_file_is_not_restored_and_the_model_serves(start_daemon,
 
 
 async def test_a_restore_llama_server_refuses_is_logged_once_and_saving_stops(start_daemon, tiny_models, tmp_path):
-    import hashlib
     import json
+    import zlib
 
     d = await start_daemon(pair(tiny_models))
     await ask(d, "a")
     await ask(d, "b", "x")
+    await d.daemon.children.prompt_cache.flush()
     folder = tmp_path / "state" / "prompt-cache" / "a"
     # An intact file (size and checksum as recorded) that llama-server cannot take, as a model it cannot restore.
     (folder / "slot-0.bin").write_bytes(b"not a slot file" * 100)
     manifest = json.loads((folder / "manifest.json").read_text())
     entry = manifest["slots"]["0"]
     entry["bytes"] = (folder / "slot-0.bin").stat().st_size
-    entry["checksum"] = hashlib.blake2b((folder / "slot-0.bin").read_bytes(), digest_size=16).hexdigest()
+    entry["checksum"] = f"crc32:{zlib.crc32((folder / 'slot-0.bin').read_bytes()):08x}"
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with structlog.testing.capture_logs() as logs:
         computed, _ = await ask(d, "a")
