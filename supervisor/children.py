@@ -124,8 +124,9 @@ def _ours(pid: int) -> bool:
 def find_leftovers(record: dict[str, Any] | None, port_range: tuple[int, int]) -> list[Leftover]:
     """What a previous daemon left running. Conservative: only what matches is named.
 
-    - A group in the record, if its leader is the same process (same pid and start time), or a member has our
-      `--port P` in its command line (the leader, a wrapper's shell, died with the daemon).
+    - A group in the record, if its leader or a member recorded once it answered is still the same process (same
+      pid and start time), or a member has the recorded `--port P` in its command line (the leader, a wrapper's
+      shell, died with the daemon).
     - Any process of this user reparented to PID 1, whose command has `--model`, `--alias` and `--port P` with P in
       our port range, and that listens on P: a llama-server we started, left alone.
     """
@@ -142,8 +143,10 @@ def find_leftovers(record: dict[str, Any] | None, port_range: tuple[int, int]) -
         except (KeyError, TypeError, ValueError):
             continue
         members = [m for m in group_members(pgid) if _ours(m)]
-        same_leader = pid in members and _same_start(pid, entry.get("started"))
-        if same_leader or any(option_value(_command(m), "--port") == str(port) for m in members):
+        recorded = [(pid, entry.get("started"))]
+        recorded += [tuple(x) for x in entry.get("members") or [] if isinstance(x, list) and len(x) == 2]
+        same_process = any(p in members and _same_start(p, started) for p, started in recorded)
+        if same_process or any(option_value(_command(m), "--port") == str(port) for m in members):
             found.append(Leftover(model, port, tuple(members), pgid))
     claimed = {pid for leftover in found for pid in leftover.pids}
     first, last = port_range
@@ -206,6 +209,15 @@ class LlamaChildren:
                                        "port": server.port, "started": start_time(server.pid)}  # fmt: skip
         self._save_record()
 
+    def _record_members(self, model: str, server: LlamaServer) -> None:
+        """Once it answers, what runs in its group (a wrapper's server among them) is recorded by pid and start
+        time: found again whatever its command line looks like (a `cmd` server need not take `--port`)."""
+        entry = self._recorded.get(model)
+        if entry is None or entry["pid"] != server.pid:
+            return
+        entry["members"] = [[pid, start_time(pid)] for pid in group_members(server.pid)]
+        self._save_record()
+
     def _forget(self, model: str, server: LlamaServer) -> None:
         if self.servers.get(model) is server:
             del self.servers[model]
@@ -254,6 +266,7 @@ class LlamaChildren:
             self._forget(model, server)  # it stopped what it spawned; a cancelled start is stopped by stop()
             raise
         assert server.port is not None
+        self._record_members(model, server)
         upstream = Upstream(server.base_url, server.pid, server.port)
         self._answering.add(model)
         if spec.cmd is not None:

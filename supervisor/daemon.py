@@ -107,6 +107,7 @@ class Daemon:
         self.metrics = Metrics(lambda: take_snapshot(runtime))
         runtime.observers.append(self.metrics.on_notice)
         self.proxy.observers.append(self.metrics.on_request)
+        self.proxy.observers.append(runtime.history.on_request)
         self.proxy.probe_observers.append(self.metrics.on_probe)
         # Without a usable state_dir there is no ledger; requests are served all the same.
         self.ledger = Ledger.open(lambda: live.current) if state_dir_ok else None

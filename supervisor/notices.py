@@ -29,6 +29,8 @@ class LoadReady(Notice):
     pid: int | None
     port: int | None
     load_s: float
+    displaced: tuple[str, ...] = ()  # models stopped to make room for it
+    swap_s: float | None = None  # with displaced: from the decision to make room to ready
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class ChildStopped(Notice):
     model: str
     cause: str
     pid: int | None
+    seconds: float = 0.0  # how long the stop (saving its slots included) took
 
 
 @dataclass(frozen=True)

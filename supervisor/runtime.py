@@ -39,6 +39,7 @@ from .scheduler import (
     RequestArrived, RequestCancelled, RequestFinished, SchedulerCore, StartProcess, StopCause, StopCompleted,
     StopProcess, Tick, UnloadRequested, Upstream,
 )  # fmt: skip
+from .history import History
 from .watchers import GamingWatcher, LeaseHolders, MemoryWatcher
 
 log = structlog.get_logger("supervisor")
@@ -88,6 +89,8 @@ class Runtime:
         self.holders = LeaseHolders(self)
         self.core = SchedulerCore(live.current, self.memory.initial_needs(live.current))
         self.observers: list[Observer] = []
+        self.history = History()  # recent loads/unloads and request latencies, for /status and the dashboard
+        self.observers.append(self.history.on_notice)
         self.closing = False
         self._answers: dict[int, asyncio.Future[Any]] = {}
         self._loads: dict[str, LoadInFlight] = {}
@@ -396,7 +399,10 @@ class Runtime:
             since = action.swap_started if action.swap_started is not None else started
             log.info("swap", to=name, displaced=list(action.displaced), swap_ms=self._ms(since),
                      load_ms=round(load_s * 1000))
-        self.notify(LoadReady(name, upstream.pid, upstream.port, load_s))
+        swap_s = None
+        if action.displaced:
+            swap_s = self.now() - (action.swap_started if action.swap_started is not None else started)
+        self.notify(LoadReady(name, upstream.pid, upstream.port, load_s, action.displaced, swap_s))
         self.dispatch(LoadSucceeded(name, action.instance, upstream, load_s, self.now()))
         try:
             self.memory.learn(name, upstream.pid, used_before, alone and not self._loads)
@@ -439,7 +445,7 @@ class Runtime:
         except Exception:  # reported all the same: the core must not wait forever on a stop
             log.exception("stop_failed", model=name, cause=cause)
         log.info("model_unloaded", model=name, cause=cause, stop_ms=self._ms(started), **({"why": detail} if detail else {}))
-        self.notify(ChildStopped(name, cause, pid))
+        self.notify(ChildStopped(name, cause, pid, self.now() - started))
         self.dispatch(StopCompleted(name, instance, self.now()))
 
     def spawn(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:

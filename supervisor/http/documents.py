@@ -26,6 +26,8 @@ class StatusSnapshot:
     leases: list[dict[str, Any]]
     leases_queued: int
     prompt_cache: dict[str, dict[str, Any] | None]  # model -> saved tokens, bytes, slots, age_s (None: nothing)
+    latency: dict[str, dict[str, Any]]  # model -> recent p50 time to first byte, tokens per second
+    timeline: list[dict[str, Any]]  # the last loads, unloads and failures, newest last
 
     def document(self) -> dict[str, Any]:
         """GET /status."""
@@ -34,6 +36,7 @@ class StatusSnapshot:
             "memory": self.memory,
             "models": {name: self.model_document(view) for name, view in self.models.items()},
             "leases": self.leases,
+            "timeline": self.timeline,
         }
 
     def model_document(self, view: ModelView) -> dict[str, Any]:
@@ -59,6 +62,10 @@ class StatusSnapshot:
             "last_error": view.last_error,
             "prompt_cache": self.prompt_cache.get(view.name),
             "last_stop": view.last_stop,
+            "load_progress": view.load_progress,
+            "load_progress_basis": view.load_progress_basis,
+            "waiting_for": view.waiting_for,
+            "latency": self.latency.get(view.name),
         }
 
 
@@ -77,6 +84,8 @@ def take_snapshot(runtime: Runtime) -> StatusSnapshot:
         ],  # fmt: skip
         leases_queued=sum(1 for w in core.waiters.values() if w.kind == "lease"),
         prompt_cache={name: runtime.children.saved_prompts(name) for name in core.models},
+        latency=runtime.history.latency(),
+        timeline=runtime.history.timeline(),
     )
 
 

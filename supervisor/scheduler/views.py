@@ -40,6 +40,9 @@ class ModelView:
     eta_ms: int | None = None
     route: Route = "queued"
     last_stop: dict[str, str] | None = None  # {"cause", "detail"} of its last stop
+    load_progress: float | None = None  # while loading: 0..1 by how long its last load took; None: not known
+    load_progress_basis: str | None = None  # what the figure rests on, or why there is none
+    waiting_for: str | None = None  # why its requests wait, or why it is about to go, for a person
 
 
 def available_now(core: SchedulerCore, model: str) -> bool:
@@ -112,6 +115,51 @@ def probe(core: SchedulerCore, model: str, now: float) -> tuple[bool, str, str]:
     return True, "loadable", f"model {model!r} can be loaded (it is {state.phase.value})"
 
 
+def load_progress(core: SchedulerCore, model: str, now: float) -> tuple[float | None, str | None]:
+    """How far a load is, honestly: the time it has taken against how long this model's last load took (capped
+    below 1 until it is ready); a model never loaded before has no figure, and says so."""
+    state = core.models[model]
+    if state.phase is not Phase.LOADING or state.load_started is None:
+        return None, None
+    if state.last_load_s is None:
+        return None, "never loaded before: no estimate"
+    elapsed = now - state.load_started
+    return round(min(0.99, elapsed / max(state.last_load_s, 1e-3)), 3), \
+        f"its last load took {round(state.last_load_s * 1000)} ms"
+
+
+def waiting_for(core: SchedulerCore, model: str) -> str | None:
+    """Why this model's requests wait (or why it is about to be stopped), in words."""
+    state = core.models[model]
+    queued = any(w.model == model and not w.detached for w in core.waiters.values())
+    if state.phase is Phase.READY and model in core.doomed and not state.unload_requested:
+        wanted = sorted({w.model for w in core.waiters.values() if w.model and w.model != model and not w.detached})
+        if any(w.kind == "lease" for w in core.waiters.values()):
+            wanted.append("a lease")
+        what = ", ".join(wanted) or "another placement"
+        return f"draining: to be swapped out for {what}" + (f" once {state.in_flight} request(s) finish"
+                                                            if state.in_flight else "")
+    if state.unload_requested:
+        return f"draining: unloading ({state.unload_cause}) once {state.in_flight} request(s) finish"
+    if not queued:
+        return None
+    if kept_out_by_gaming(core.gaming, state.config, False):
+        return "gaming mode"
+    if state.phase is Phase.LOADING:
+        return "loading"
+    if state.phase is Phase.UNLOADING:
+        return "its previous instance is stopping"
+    if state.phase is Phase.FAILED:
+        return f"restart backoff after a failure: {state.last_error.splitlines()[0] if state.last_error else ''}"
+    if model in core.short_of_memory:
+        return "memory held by a lease" if core.leases else "memory"
+    in_the_way = [o.name for o in core.models.values()
+                  if o.phase in RESIDENT and o.name != model and displaces(state, o)]
+    if in_the_way:
+        return "draining " + ", ".join(in_the_way)
+    return "queued"
+
+
 def queued_requests(core: SchedulerCore) -> dict[str, int]:
     """Requests waiting per model (places kept after a cloud answer do not count)."""
     queued: dict[str, int] = {}
@@ -126,6 +174,7 @@ def model_views(core: SchedulerCore, now: float) -> list[ModelView]:
     views = []
     for state in core.models.values():
         expiry = ttl_expiry(state)
+        progress, basis = load_progress(core, state.name, now)
         views.append(
             ModelView(
                 name=state.name,
@@ -146,6 +195,9 @@ def model_views(core: SchedulerCore, now: float) -> list[ModelView]:
                 route=route(core, state.name, now),
                 last_stop=None if state.last_stop is None else {"cause": state.last_stop[0],
                                                                 "detail": state.last_stop[1]},
+                load_progress=progress,
+                load_progress_basis=basis,
+                waiting_for=waiting_for(core, state.name),
             )
         )
     return views
