@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -158,14 +159,13 @@ def test_a_normal_stop_leaves_no_process_of_the_wrappers_group(tmp_path, tiny_mo
         assert len(group) == 2  # the shell and llama-server
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
-        assert gone_within(group, 5) == [], "a process of the wrapper's group outlived the daemon's stop"
+        # Already gone when the daemon exits: its stop waited for the whole group, not just the shell.
+        assert gone_within(group, 0) == [], "a process of the wrapper's group outlived the daemon's stop"
     finally:
         stop_all([daemon], group)
 
 
 def urllib_get(url: str) -> bytes:
-    import urllib.request
-
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read()
 
@@ -222,6 +222,21 @@ def children_for(tmp_path: Path, ports: tuple[int, int], record: dict | None) ->
 GONE_DAEMON = {"pid": 2**22 + 1, "started": 0}  # above the largest pid_max: no such process
 
 
+def wrapped(*args: str) -> tuple[int, psutil.Process]:
+    """A process group as an exec-less wrapper leaves it when the daemon dies: the leader (the shell) gone, its
+    child reparented to PID 1. Returns (the group, the child)."""
+    shell = subprocess.Popen(["sh", "-c", '"$0" "$@" & wait', sys.executable, "-c", "import time; time.sleep(120)",
+                              *args], start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not (children := psutil.Process(shell.pid).children()) or "time.sleep" not in " ".join(
+            children[0].cmdline()):  # fmt: skip
+        assert time.monotonic() < deadline, "the wrapped process did not start"
+        time.sleep(0.01)
+    shell.kill()
+    shell.wait()
+    return shell.pid, children[0]
+
+
 def test_only_what_matches_a_leftover_of_ours_is_stopped(tmp_path):
     first, last = free_port_range(6)
     p = list(range(first, last + 1))
@@ -229,35 +244,34 @@ def test_only_what_matches_a_leftover_of_ours_is_stopped(tmp_path):
     spawned: list[psutil.Process] = []
     try:
         # Found by the scan: reparented to PID 1, our command line, listening on its --port in our range.
-        orphan = spawn(*ours, "--port", str(p[0]), "--alias", "a", listen=p[0], orphan=True)
+        spawned.append(orphan := spawn(*ours, "--port", str(p[0]), "--alias", "a", listen=p[0], orphan=True))
         # Not ours: no --port; --port but listening elsewhere; our command line but its parent is alive.
-        no_port = spawn("--model", "x.gguf", "--alias", "b", listen=p[1], orphan=True)
-        elsewhere = spawn(*ours, "--port", str(p[2]), "--alias", "c", listen=p[3], orphan=True)
-        parented = spawn(*ours, "--port", str(p[4]), "--alias", "d", listen=p[4])
-        # From the record: a group whose leader is the same process; a group whose leader (a wrapper's shell)
-        # is gone but a member has the recorded --port; a live group that is neither.
-        leader = spawn(session=True)
-        wrapper = subprocess.Popen(["sh", "-c", '"$0" "$@" & wait', sys.executable, "-c", "import time; "
-                                    "time.sleep(120)", "--port", str(p[5])], start_new_session=True)  # fmt: skip
-        deadline = time.monotonic() + 10
-        while not (served := [c for c in psutil.Process(wrapper.pid).children() if "--port" in c.cmdline()]):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        wrapped = served[0]
-        wrapper.kill()
-        wrapper.wait()
-        stranger = spawn("--port", "1", session=True)
-        spawned = [orphan, no_port, elsewhere, parented, leader, wrapped, stranger]
+        spawned.append(no_port := spawn("--model", "x.gguf", "--alias", "b", listen=p[1], orphan=True))
+        spawned.append(elsewhere := spawn(*ours, "--port", str(p[2]), "--alias", "c", listen=p[3], orphan=True))
+        spawned.append(parented := spawn(*ours, "--port", str(p[4]), "--alias", "d", listen=p[4]))
+        # From the record: a group whose leader is the same process; a wrapper's group (its shell gone) with a
+        # member that has the recorded --port; one whose member was recorded by pid and start time; a live group
+        # that is none of these.
+        spawned.append(leader := spawn(session=True))
+        group_f, with_port = wrapped("--port", str(p[5]))
+        spawned.append(with_port)
+        group_g, recorded_member = wrapped("--listen", "anywhere")
+        spawned.append(recorded_member)
+        spawned.append(stranger := spawn("--port", "1", session=True))
         record = {"daemon": GONE_DAEMON, "children": [
             {"model": "e", "pid": leader.pid, "pgid": leader.pid, "port": 1, "started": start_time(leader.pid)},
-            {"model": "f", "pid": wrapper.pid, "pgid": wrapper.pid, "port": p[5], "started": 0},
-            {"model": "g", "pid": stranger.pid, "pgid": stranger.pid, "port": p[5], "started": 0},
+            {"model": "f", "pid": group_f, "pgid": group_f, "port": p[5], "started": 0},
+            {"model": "g", "pid": group_g, "pgid": group_g, "port": p[5], "started": 0,
+             "members": [[recorded_member.pid, start_time(recorded_member.pid)]]},
+            {"model": "h", "pid": stranger.pid, "pgid": stranger.pid, "port": p[5], "started": 0,
+             "members": [[stranger.pid, 0]]},
         ]}  # fmt: skip
         with capture_logs() as logs:
             children_for(tmp_path, (first, last), record)
         stopped = {(e["pid"], e["port"], e["model"]) for e in logs if e["event"] == "orphan_stopped"}
-        assert stopped == {(orphan.pid, p[0], "a"), (leader.pid, 1, "e"), (wrapped.pid, p[5], "f")}
-        assert not any(alive(x) for x in (orphan, leader, wrapped))
+        assert stopped == {(orphan.pid, p[0], "a"), (leader.pid, 1, "e"), (with_port.pid, p[5], "f"),
+                           (recorded_member.pid, p[5], "g")}  # fmt: skip
+        assert not any(alive(x) for x in (orphan, leader, with_port, recorded_member))
         assert all(alive(x) for x in (no_port, elsewhere, parented, stranger))
     finally:
         for process in spawned:
@@ -332,6 +346,9 @@ async def test_the_record_names_each_running_child_and_a_stop_takes_it_out(tmp_p
             assert (entry["model"], entry["pid"], entry["pgid"], entry["port"]) == ("m", upstream.pid, upstream.pid,
                                                                                     upstream.port)  # fmt: skip
             assert entry["started"] == start_time(upstream.pid)
+            # Once it answered: its group by pid and start time, the server behind the wrapper's shell among them.
+            (server,) = served_by(upstream.pid)
+            assert sorted(entry["members"]) == sorted([[pid, start_time(pid)] for pid in (upstream.pid, server.pid)])
         finally:
             await children.stop("m", "admin")
         assert json.loads((tmp_path / "state" / RECORD_NAME).read_text())["children"] == []
