@@ -70,6 +70,10 @@ class DaemonConfig(Section):
     log_lines: Annotated[int, Field(ge=10, le=100_000)] = 1000
     # The model loaded again whenever nothing is wanted and it fits without displacing anything; see groups' home.
     home: str | None = None
+    # Predicted preload: from the ledger, load a model predict_lead_s before the time of day it is usually first
+    # asked for, by the home rules (nothing waits, it fits, displaces nothing). Off by default.
+    predict_preload: bool = False
+    predict_lead_s: Annotated[float, Field(gt=0, le=7200)] = 600
     # Host header names accepted besides the listen address and loopback names (DNS rebinding); "*" = any.
     allowed_hosts: list[str] = []
 

@@ -26,6 +26,7 @@ from .http.site import HeadDeadlines, HeadDeadlineSite
 from .ledger import Ledger
 from .metrics import Metrics
 from .runtime import Runtime
+from .watchers import PredictedPreloader
 from .scheduler import model_views
 from .systemd import Notifier, StatusReporter, describe
 
@@ -113,6 +114,7 @@ class Daemon:
         self.ledger = Ledger.open(lambda: live.current) if state_dir_ok else None
         if self.ledger is not None:
             self.proxy.observers.append(self.ledger.record)
+            runtime.spawn(PredictedPreloader(runtime, self.ledger).run())  # does nothing while predict_preload is off
             # Closed after the handlers are gone, so every request is in its queue; close() writes it all out.
             stack.push_async_callback(asyncio.to_thread, self.ledger.close)
         heads = HeadDeadlines(config.daemon.header_timeout_s)

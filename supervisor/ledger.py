@@ -372,6 +372,14 @@ class Ledger:
         finally:
             connection.close()
 
+    def request_times(self, since: float) -> list[tuple[str, float]]:
+        """(model, time) of every request since then, for the preload prediction (no flush: minutes old is fine)."""
+        connection = self._read()
+        try:
+            return list(connection.execute("SELECT model, time FROM requests WHERE time >= ? ORDER BY time", (since,)))
+        finally:
+            connection.close()
+
     def last_used(self) -> dict[str, float]:
         self.flush(FLUSH_BEFORE_READ_S)
         connection = self._read()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
+import time
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -19,9 +21,11 @@ from .config import Config
 from .estimate import LearnedStore, estimate_model
 from .gaming import GamingDetector, GamingStore, running_process_names
 from .gpu import Probe, ProbeError
-from .scheduler import LeaseReleased, MemoryMeasured, MemorySnapshot, NeedLearned
+from . import predict
+from .scheduler import LeaseReleased, MemoryMeasured, MemorySnapshot, NeedLearned, PreloadWanted
 
 if TYPE_CHECKING:
+    from .ledger import Ledger
     from .runtime import Runtime
 
 log = structlog.get_logger("supervisor")
@@ -207,3 +211,41 @@ class LeaseHolders:
     def close(self) -> None:
         for lease_id in list(self._unwatch):
             self.unwatch(lease_id)
+
+
+class PredictedPreloader:
+    """Once a minute, while [daemon] predict_preload is on: from the ledger's last weeks, tell the core which models
+    are usually first asked for within predict_lead_s from now (predict.py); it loads them by the home rules."""
+
+    INTERVAL_S = 60.0
+    GRACE_S = 1800.0  # how long after its usual time a predicted model is still loaded if the GPU frees up
+
+    def __init__(self, runtime: Runtime, ledger: Ledger):
+        self.runtime = runtime
+        self.ledger = ledger
+        self._done: set[tuple[str, datetime.date]] = set()
+
+    def check(self, now_wall: float) -> list[str]:
+        """Reads the ledger (blocking: call it in a thread); the models due now."""
+        daemon = self.runtime.config.daemon
+        rows = self.ledger.request_times(now_wall - (predict.LOOKBACK_DAYS + 1) * predict.DAY_S)
+        history = predict.first_uses((model, at) for model, at in rows if model in self.runtime.config.models)
+        return predict.due(history, now_wall, daemon.predict_lead_s, self._done)
+
+    async def run(self) -> None:
+        while True:
+            if self.runtime.config.daemon.predict_preload:
+                try:
+                    now_wall = time.time()
+                    due = await asyncio.to_thread(self.check, now_wall)
+                except Exception as exc:  # an unreadable ledger costs the prediction, nothing else
+                    log.warning("predicted_preload_failed", error=str(exc))
+                    due = []
+                today = datetime.date.fromtimestamp(now_wall) if due else None
+                for model in due:
+                    self._done.add((model, today))  # type: ignore[arg-type]
+                    lead = self.runtime.config.daemon.predict_lead_s
+                    log.info("predicted_preload", model=model, lead_s=lead)
+                    self.runtime.dispatch(PreloadWanted(model, self.runtime.now() + lead + self.GRACE_S,
+                                                        self.runtime.now()))
+            await asyncio.sleep(self.INTERVAL_S)

@@ -12,7 +12,7 @@ from .core import SchedulerCore
 from .events import (
     Action, ConfigReloaded, DropWaiters, Event, Fallback, GamingChanged, Grant, GrantLease, LeaseEnded,
     LeaseReleased, LeaseRenewed, LeaseRequested, LoadFailed, LoadSucceeded, MemoryMeasured, MemorySnapshot,
-    NeedLearned, Prewarm, ProcessExited, Reject, RequestArrived, RequestCancelled, RequestFinished, StartProcess,
+    NeedLearned, PreloadWanted, Prewarm, ProcessExited, Reject, RequestArrived, RequestCancelled, RequestFinished, StartProcess,
     StopCause, StopCompleted, StopProcess, Tick, UnloadRequested, Upstream, WaiterKind,
 )  # fmt: skip
 from .placement import Budget, Candidate, choose_victims, eviction_order, foreign_usage
@@ -23,7 +23,7 @@ from .views import ModelView, Route, available_now, eta_ms, model_views, probe, 
 __all__ = [
     "Action", "Budget", "Candidate", "ConfigReloaded", "DropWaiters", "Event", "Fallback", "GamingChanged", "Grant",
     "GrantLease", "Lease", "LeaseEnded", "LeaseReleased", "LeaseRenewed", "LeaseRequested", "LoadFailed",
-    "LoadSucceeded", "MemoryMeasured", "MemorySnapshot", "ModelState", "ModelView", "NeedLearned", "ORPHANED",
+    "LoadSucceeded", "MemoryMeasured", "MemorySnapshot", "ModelState", "ModelView", "NeedLearned", "ORPHANED", "PreloadWanted",
     "Phase", "Prewarm", "ProcessExited", "RESIDENT", "Reject", "RequestArrived", "RequestCancelled",
     "RequestFinished", "Route", "SchedulerCore", "StartProcess", "StopCause", "StopCompleted", "StopProcess", "Tick",
     "UnloadRequested", "Upstream", "Waiter", "WaiterKind", "available_now", "choose_victims", "eta_ms",

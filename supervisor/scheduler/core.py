@@ -33,6 +33,7 @@ from typing import Any
 from ..config import Config
 from .events import (
     MemorySnapshot,
+    PreloadWanted,
     Action, ConfigReloaded, DropWaiters, Event, Fallback, GamingChanged, Grant, GrantLease, LeaseEnded,
     LeaseReleased, LeaseRenewed, LeaseRequested, LoadFailed, LoadSucceeded, MemoryMeasured, NeedLearned, Prewarm,
     ProcessExited, Reject, RequestArrived, RequestCancelled, RequestFinished, StartProcess, StopCause,
@@ -66,6 +67,7 @@ class SchedulerCore:
         self.short_of_memory: set[str] = set()  # models whose placement waits for memory
         self._last_yield = float("-inf")  # when models were last unloaded for other programs' memory
         self._home_suspended: set[str] = set()  # homes an administrator unloaded: not reloaded until a request
+        self._predicted: dict[str, float] = {}  # models expected soon (predicted preload) -> until when
         self._closing = False
         self.gaming = False
         self._seq = 0
@@ -153,6 +155,8 @@ class SchedulerCore:
                 self.gaming = event.enabled
             case ConfigReloaded():
                 actions += self._reload(event)
+            case PreloadWanted() if event.model in self.models:
+                self._predicted[event.model] = event.until
             case Tick():
                 pass
         actions += self._schedule(event.now)
@@ -557,11 +561,14 @@ class SchedulerCore:
         return [name for name in dict.fromkeys(homes) if name in self.models]
 
     def _come_home(self, now: float) -> list[Action]:
-        """Nothing is wanted: load the home models that fit in free memory without displacing anything."""
+        """Nothing is wanted: load the home models (and those predicted to be wanted soon) that fit in free memory
+        without displacing anything."""
+        self._predicted = {name: until for name, until in self._predicted.items() if until > now}
         if self.waiters or self._closing:
             return []
         actions: list[Action] = []
-        for name in self._homes():
+        homes = self._homes()
+        for name in [*homes, *(p for p in self._predicted if p not in homes)]:
             state = self.models[name]
             if name in self._home_suspended or state.retiring or kept_out_by_gaming(self.gaming, state.config, False):
                 continue
@@ -572,7 +579,9 @@ class SchedulerCore:
                 continue  # a home never displaces anything, nor loads where a resident model would push it out
             if self.budget is not None and state.need_mb > (self.free_mb() or 0):
                 continue
-            actions.append(self._start(state, now, "home"))
+            if name not in homes:
+                del self._predicted[name]  # loaded once per prediction; then it lives by its TTL like any model
+            actions.append(self._start(state, now, "home" if name in homes else "predicted"))
         return actions
 
     def _yield_to_others(self, now: float) -> list[Action]:

@@ -190,6 +190,15 @@ class ConfigReloaded:
 
 
 @dataclass(frozen=True)
+class PreloadWanted:
+    """A model is expected soon (predicted from its usual first use): load it by the home rules until `until`."""
+
+    model: str
+    until: float
+    now: float
+
+
+@dataclass(frozen=True)
 class Tick:
     now: float
 
@@ -211,6 +220,7 @@ Event = (
     | NeedLearned
     | GamingChanged
     | ConfigReloaded
+    | PreloadWanted
     | Tick
 )
 
