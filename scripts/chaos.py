@@ -12,8 +12,9 @@ no state_dir fill faults, when mounting is not permitted), and for --duration-s 
             for the fake cloud target by name, spread over models that must swap; a poller on /status, /health
             and /health/{model}; admin load/unload (one model or all) now and then
   faults    SIGKILL of a model's llama-server child, at a moment when its model has either nothing in flight
-            ("idle kill") or only requests that are already being answered ("kill while answering": those are
-            cut, which is the one expected kind of failure); filling the state tmpfs to 100 % for a few seconds,
+            ("idle kill", followed at once by one more request for it) or only requests that are already being
+            answered ("kill while answering": those are cut, which is the one expected kind of failure), then a
+            check that /status stops naming the dead pid within 5 s; filling the state tmpfs to 100 % for a few seconds,
             then freeing it; rewriting the config with another ttl / priority and reloading it (POST /reload or
             SIGHUP), then checking that /status shows the new ttl
 
@@ -25,6 +26,7 @@ tolerance, and SIGTERM must stop the daemon with exit 0 leaving no llama-server 
 
 Exit 0 when every failed request is an expected one and every check above holds; exit 1 otherwise, naming what
 failed. Everything it starts is stopped at the end, whatever happens; all traffic goes to 127.0.0.1.
+docs/chaos.md explains the checks, the tolerances and the report.
 """
 
 from __future__ import annotations
@@ -198,11 +200,12 @@ class FakeCloud:
         self.served[request.path] += 1
         chat = request.path.endswith("/chat/completions")
         if not body.get("stream"):
-            choice = ({"index": 0, "message": {"role": "assistant", "content": "cloud says hi"}, "finish_reason": "stop"}
-                      if chat else {"index": 0, "text": "cloud says hi", "finish_reason": "stop"})  # fmt: skip
+            text = "cloud says hi"
+            answer = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            usage = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
             return web.json_response({"id": "cloud-1", "object": "chat.completion" if chat else "text_completion",
-                                      "model": body.get("model"), "choices": [choice],
-                                      "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}})  # fmt: skip
+                                      "model": body.get("model"), "usage": usage,
+                                      "choices": [{"index": 0, **answer, "finish_reason": "stop"}]})  # fmt: skip
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for word in ("cloud", " says", " hi"):
@@ -451,7 +454,11 @@ class Chaos:
         while True:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise ChaosError(f"the daemon exited with {self.proc.returncode} before it answered; see {self.log_path}")
+                last = ""
+                with contextlib.suppress(OSError, IndexError):
+                    last = self.log_path.read_text(errors="replace").strip().splitlines()[-1][:300]
+                raise ChaosError(f"the daemon exited with {self.proc.returncode} before it answered ({last}); "
+                                 f"see {self.log_path}")
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                 status, _ = await self.get_json(http, "/health", 2)
                 if status == 200:
@@ -486,7 +493,8 @@ class Chaos:
             kind = "chat"
         if kind == "completion":
             return "/v1/completions", {"model": model, "prompt": "hello", "max_tokens": rng.randint(4, 24)}
-        body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": f"hello {rng.randrange(10**6)}"}]}
+        content = f"hello {rng.randrange(10**6)}"
+        body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": content}]}
         if kind == "chat_stream":
             body.update(stream=True, max_tokens=rng.randint(100, 1500))
         else:
@@ -654,7 +662,9 @@ class Chaos:
                     if self.stop_traffic.is_set() or time.monotonic() >= deadline - 2:
                         break
                     if not self.deck:
-                        self.deck = ["kill", "kill", "kill", "reload", "reload"] + (["fill"] if self.tmpfs["mounted"] else [])
+                        self.deck = ["kill", "kill", "kill", "reload", "reload"]
+                        if self.tmpfs["mounted"]:
+                            self.deck.append("fill")
                         self.rng.shuffle(self.deck)
                     fault = self.deck.pop()
                     if fault == "fill" and holds:
@@ -721,8 +731,9 @@ class Chaos:
                         child.send_signal(signal.SIGKILL)
                     except psutil.Error:
                         continue
-                    kill = Kill(self.now(), model, pid, mode, victims, status_before={
-                        n: {k: m[k] for k in ("state", "pid", "in_flight", "queued")} for n, m in doc["models"].items()})
+                    before = {n: {k: m[k] for k in ("state", "pid", "in_flight", "queued")}
+                              for n, m in doc["models"].items()}  # fmt: skip
+                    kill = Kill(self.now(), model, pid, mode, victims, status_before=before)
                     self.kills.append(kill)
                     if mode == "idle":
                         # A client arriving right after the crash, before the daemon may have seen it: its request
@@ -753,7 +764,8 @@ class Chaos:
                         kill.noticed_after_s = round(time.monotonic() - started, 3)
                         return
                 await asyncio.sleep(0.05)
-        say(f"FAULT NOT NOTICED: /status still names pid {kill.pid} of {kill.model} {KILL_NOTICE_S:g} s after its SIGKILL")
+        say(f"FAULT NOT NOTICED: /status still names pid {kill.pid} of {kill.model} {KILL_NOTICE_S:g} s after "
+            "its SIGKILL")
 
     async def fill_state(self, hold_s: float) -> None:
         """Fill the state tmpfs to the last byte, hold it full, free it again."""
@@ -800,7 +812,8 @@ class Chaos:
         self.write_config()
         how = self.rng.choice(["POST /reload", "SIGHUP"])
         entry: dict[str, Any] = {"at": self.now(), "fault": "reload", "how": how, "model": model,
-                                 "ttl_s": self.knobs[model]["ttl_s"], "knobs": json.loads(json.dumps(self.knobs))}  # fmt: skip
+                                 "ttl_s": self.knobs[model]["ttl_s"],
+                                 "knobs": {name: dict(knobs) for name, knobs in self.knobs.items()}}  # fmt: skip
         started = time.monotonic()
         problem = ""
         if how == "SIGHUP":
@@ -1009,19 +1022,19 @@ class Chaos:
         c = self.checks
         kills = self.kills
         base, end = c.get("baseline"), c.get("end")
+        rss_tolerance = (f"+max({RSS_TOL_MB:g} MB, {RSS_TOL_SHARE:.0%}), of which at most {RSS_CREEP_TOL_MB:g} MB "
+                         f"outside steps of >= {RSS_STEP_MB:g} MB")  # fmt: skip
+        peaks = {key: max((getattr(s, key) for s in self.samples), default=None)
+                 for key in ("rss_mb", "fds", "threads", "children")}  # fmt: skip
         resources: dict[str, Any] = {"launch": c.get("launch"), "baseline": base, "end": end,
-                                     "tolerance": {"rss": f"+max({RSS_TOL_MB:g} MB, {RSS_TOL_SHARE:.0%}), of which at most "
-                                                          f"{RSS_CREEP_TOL_MB:g} MB outside steps of >= {RSS_STEP_MB:g} MB",
-                                                   "fds": f"+{FD_TOL}", "threads": f"+{THREAD_TOL}"},
-                                     "peak_during_chaos": {
-                                         "rss_mb": max((s.rss_mb for s in self.samples), default=None),
-                                         "fds": max((s.fds for s in self.samples), default=None),
-                                         "threads": max((s.threads for s in self.samples), default=None),
-                                         "children": max((s.children for s in self.samples), default=None)}}  # fmt: skip
+                                     "tolerance": {"rss": rss_tolerance, "fds": f"+{FD_TOL}",
+                                                   "threads": f"+{THREAD_TOL}"},
+                                     "peak_during_chaos": peaks}  # fmt: skip
         if base and end:
             resources["growth"] = {"rss_mb": round(end["rss_mb"] - base["rss_mb"], 2),
                                    "rss_pct": round(100 * (end["rss_mb"] - base["rss_mb"]) / base["rss_mb"], 1),
-                                   "fds": end["fds"] - base["fds"], "threads": end["threads"] - base["threads"]}  # fmt: skip
+                                   "fds": end["fds"] - base["fds"],
+                                   "threads": end["threads"] - base["threads"]}  # fmt: skip
             resources["flat"] = {
                 "rss": end["rss_mb"] - base["rss_mb"] <= max(RSS_TOL_MB, RSS_TOL_SHARE * base["rss_mb"]),
                 "fds": end["fds"] - base["fds"] <= FD_TOL, "threads": end["threads"] - base["threads"] <= THREAD_TOL}
@@ -1034,8 +1047,10 @@ class Chaos:
                        if settle and not settle.get("settled") else {})  # fmt: skip
         log = self.daemon_log()
         warm_failed = [r for r in self.warm_requests if not r.ok]
-        warm = {"seconds": self.args.warmup_s, "sent": len(self.warm_requests), "ok": len(self.warm_requests) - len(warm_failed),
-                "failures": [{k: v for k, v in asdict(r).items() if v not in (None, "", 0, False)} for r in warm_failed[:10]],
+        warm = {"seconds": self.args.warmup_s, "sent": len(self.warm_requests),
+                "ok": len(self.warm_requests) - len(warm_failed),
+                "failures": [{k: v for k, v in asdict(r).items() if v not in (None, "", 0, False)}
+                             for r in warm_failed[:10]],
                 "failure_count": len(warm_failed), "admin_failures": self.warm_admin_failures,
                 "poll_failures": self.warm_poll_failures[:10]}  # fmt: skip
         resources["samples"] = [[s.at, s.rss_mb, s.fds, s.threads, s.children] for s in self.samples]
@@ -1044,7 +1059,8 @@ class Chaos:
             resources["rss_mb_growth_last_three_quarters"] = round(self.samples[-1].rss_mb - quarter.rss_mb, 2)
         if base and end:
             points = [(0.0, base["rss_mb"])] + [(s.at, s.rss_mb) for s in self.samples] + [(self.now(), end["rss_mb"])]
-            steps = [(round(t1, 1), round(b - a, 2)) for (_, a), (t1, b) in zip(points, points[1:]) if b - a >= RSS_STEP_MB]
+            steps = [(round(t1, 1), round(b - a, 2))
+                     for (_, a), (t1, b) in zip(points, points[1:]) if b - a >= RSS_STEP_MB]  # fmt: skip
             creep = round(end["rss_mb"] - base["rss_mb"] - sum(d for _, d in steps), 2)
             resources["rss_steps"] = [{"at_s": t, "mb": d} for t, d in steps]
             resources["rss_creep_mb"] = creep
@@ -1072,7 +1088,8 @@ class Chaos:
                                                  default=None),
                        "kills_skipped_no_clean_moment": self.kill_skipped,
                        "kill_target_not_a_child": self.kill_target_gone,
-                       "fills": len(self.fills), "fill_reached_100pct": sum(f["usage"]["free_kb"] == 0 for f in self.fills),
+                       "fills": len(self.fills),
+                       "fill_reached_100pct": sum(f["usage"]["free_kb"] == 0 for f in self.fills),
                        "state_dir_max_used_pct": self.state_usage_max,
                        "state_dir_full_without_fill_s": self.full_outside_fills_s,
                        "state_dir_first_full_without_fill": self.first_full,
@@ -1157,9 +1174,9 @@ class Chaos:
         growth = r["resources"].get("growth", {})
         for what, fine in flat.items():
             if not fine:
-                unit = (f"{growth['rss_mb']:+.1f} MB ({growth['rss_pct']:+.1f} %; steps "
-                        f"{r['resources']['rss_steps']}, creep {r['resources']['rss_creep_mb']:+.1f} MB)" if what == "rss"
-                        else f"{growth[what]:+d}")  # fmt: skip
+                res = r["resources"]
+                unit = (f"{growth['rss_mb']:+.1f} MB ({growth['rss_pct']:+.1f} %; steps {res['rss_steps']}, creep "
+                        f"{res['rss_creep_mb']:+.1f} MB)" if what == "rss" else f"{growth[what]:+d}")  # fmt: skip
                 bad.append(f"daemon {what} grew {unit}, over the tolerance {r['resources']['tolerance'][what]}")
         t = r["sigterm"] or {}
         if t.get("exit_code") != 0 or t.get("children_left"):
@@ -1170,6 +1187,7 @@ class Chaos:
         errors: Counter[str] = Counter()
         warnings: Counter[str] = Counter()
         tracebacks, samples = 0, []
+        exceptions: Counter[str] = Counter()
         with contextlib.suppress(OSError):
             for line in self.log_path.read_text(errors="replace").splitlines():
                 try:
@@ -1180,16 +1198,20 @@ class Chaos:
                 if not isinstance(entry, dict):
                     continue
                 level, event = entry.get("level"), str(entry.get("event", ""))[:80]
+                # The first of each error event, and every entry with a traceback (up to 12 samples in all).
+                keep = ("exception" in entry or (level in ("error", "critical") and event not in errors))
                 if "exception" in entry:
                     tracebacks += 1
+                    exceptions[event] += 1
                 if level in ("error", "critical"):
                     errors[event] += 1
-                    if len(samples) < 8:
-                        samples.append({k: (v[-600:] if isinstance(v, str) else v) for k, v in entry.items()})
+                if keep and len(samples) < 12:
+                    samples.append({k: (v[-1500:] if isinstance(v, str) else v) for k, v in entry.items()})
                 elif level == "warning":
                     warnings[event] += 1
         return {"path": str(self.log_path), "errors": dict(errors), "warnings": dict(warnings),
-                "tracebacks": tracebacks, "error_samples": samples}  # fmt: skip
+                "tracebacks": tracebacks, "tracebacks_by_event": dict(exceptions),
+                "error_samples": samples}  # fmt: skip
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -1217,8 +1239,9 @@ def summary(r: dict[str, Any]) -> str:
                 if s["overlapping_faults"]:
                     lines.append(f"               around it: {'; '.join(s['overlapping_faults'][:4])}")
     lines.append(
-        f"faults: {f['kills']} kills ({f['kills_while_answering']} while answering, cutting {f['requests_cut_by_kills']} "
-        f"requests; {f['kills_idle']} idle; {f['kills_skipped_no_clean_moment']} skipped for want of a clean moment; "
+        f"faults: {f['kills']} kills ({f['kills_while_answering']} while answering, cutting "
+        f"{f['requests_cut_by_kills']} requests; {f['kills_idle']} idle; {f['kills_skipped_no_clean_moment']} "
+        "skipped for want of a clean moment; "
         f"{len(f['kills_not_noticed'])} not noticed by /status within {KILL_NOTICE_S:g} s, longest "
         f"{f['kill_noticed_max_s']} s), "
         f"{f['fills']} fills of state_dir ({f['fill_reached_100pct']} reached 100 %), {f['reloads']} reloads "
@@ -1228,8 +1251,9 @@ def summary(r: dict[str, Any]) -> str:
     if tmpfs["mounted"]:
         first = f["state_dir_first_full_without_fill"]
         lines.append(f"state_dir: up to {f['state_dir_max_used_pct']:g} % used; full without a fill fault for "
-                     f"{f['state_dir_full_without_fill_s']} s" + (f" (first at {first['at']:.1f} s; largest files, KiB: "
-                     f"{dict(list(first['files'].items())[:4])})" if first else ""))  # fmt: skip
+                     f"{f['state_dir_full_without_fill_s']} s"
+                     + (f" (first at {first['at']:.1f} s; largest files, KiB: {dict(list(first['files'].items())[:4])})"
+                        if first else ""))  # fmt: skip
     w = r["warm_up"]
     lines.append(f"warm-up ({w['seconds']:g} s, no faults): {w['sent']} requests, {w['ok']} complete, "
                  f"{len(w['admin_failures'])} admin and {len(w['poll_failures'])} poll failures")
@@ -1261,18 +1285,25 @@ def summary(r: dict[str, Any]) -> str:
     res = r["resources"]
     if res.get("growth"):
         b, e, g = res["baseline"], res["end"], res["growth"]
-        lines.append(f"daemon: RSS {b['rss_mb']:.1f} -> {e['rss_mb']:.1f} MB ({g['rss_pct']:+.1f} %), fds {b['fds']} -> "
-                     f"{e['fds']}, threads {b['threads']} -> {e['threads']} (tolerance: RSS "
-                     f"{res['tolerance']['rss']}, fds {res['tolerance']['fds']}, threads {res['tolerance']['threads']}; "
+        tol = res["tolerance"]
+        lines.append(f"daemon: RSS {b['rss_mb']:.1f} -> {e['rss_mb']:.1f} MB ({g['rss_pct']:+.1f} %), "
+                     f"fds {b['fds']} -> {e['fds']}, threads {b['threads']} -> {e['threads']} "
+                     f"(tolerance: RSS {tol['rss']}, fds {tol['fds']}, threads {tol['threads']}; "
                      f"peaks during chaos {res['peak_during_chaos']}); RSS steps {res.get('rss_steps') or 'none'}, "
                      f"creep {res.get('rss_creep_mb')} MB, growth over the last three quarters of the chaos "
                      f"{res.get('rss_mb_growth_last_three_quarters')} MB")  # fmt: skip
     if r["sigterm"]:
         t = r["sigterm"]
-        lines.append(f"SIGTERM: exit {t['exit_code']} in {t['took_s']} s, llama-server left: {t['children_left'] or 'none'}")
+        lines.append(f"SIGTERM: exit {t['exit_code']} in {t['took_s']} s, "
+                     f"llama-server left: {t['children_left'] or 'none'}")
     log = r["daemon_log"]
     lines.append(f"daemon log: errors {log['errors'] or 'none'}, warnings {log['warnings'] or 'none'}, "
-                 f"{log['tracebacks']} tracebacks" + (f" ({log['path']})" if m.get("work_kept") else ""))
+                 f"{log['tracebacks']} tracebacks" + (f" {log['tracebacks_by_event']}" if log["tracebacks"] else "")
+                 + (f" ({log['path']})" if m.get("work_kept") else ""))
+    for sample in log["error_samples"]:
+        if "exception" in sample:  # not a check of its own, but worth a look: the daemon hit an unexpected error
+            lines.append(f"  NOTE: traceback in the daemon log, {sample.get('event')} {sample.get('model', '')}: "
+                         + sample["exception"].strip().splitlines()[-1][:200])
     if r["ok"]:
         lines.append("RESULT: PASS")
     else:

@@ -25,7 +25,7 @@ import psutil
 import structlog
 
 from .config import LiveConfig
-from .notices import Notice, PromptCacheRestored, PromptCacheSaved
+from .notices import ChildExited, Notice, PromptCacheRestored, PromptCacheSaved
 from .promptcache import PromptCache
 from .estimate import shard_paths
 from .process import (HOST, CmdServer, LlamaServer, LogRing, PortPool, child_environment, group_members,
@@ -291,6 +291,11 @@ class LlamaChildren:
         server = self.servers.get(model)
         if server is None:
             return None
+        if server.returncode is not None and not server.stopping:
+            # It died on its own just before this stop was decided (its requests were cut, so it looked idle): the
+            # stop completes, but the crash is not hidden behind the stop's cause.
+            log.error("model_crashed", model=model, code=server.returncode, during=f"stop ({cause})")
+            self.notify(ChildExited(model, server.returncode))
         if cause != "crash" and model in self._answering and server.returncode is None and server.port is not None \
                 and not isinstance(server, CmdServer):
             saved = await self.prompt_cache.save(model, f"http://{HOST}:{server.port}")  # bounded, never raises

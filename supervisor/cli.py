@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,9 +18,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import CONFIG_ENV, Config, ConfigError, find_llama_server, load_config, preflight
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 URL_ENV = "MODEL_SUPERVISOR_URL"
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_NOT_GRANTED = 0, 1, 2, 3
@@ -63,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     status = client("status", "what runs, loads and waits")
-    status.add_argument("--json", action="store_true", help="print the raw /status document")
+    status.add_argument("--json", action="store_true", help="print the raw /status document (with --watch: each "
+                                                            "document, one per line)")
+    status.add_argument("--watch", action="store_true", help="follow /events: print loads, swaps, unloads, "
+                                                             "waits, leases and gaming changes as they happen, "
+                                                             "one line each, until Ctrl-C")
     status.set_defaults(func=cmd_status)
 
     load = client("load", "load a model and wait until it is ready")
@@ -178,15 +189,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             problems += exc.problems
     if problems:
         raise ConfigError(problems, args.path)
-    print(f"{args.path}: valid")
-    print(f"listen {config.daemon.listen}   llama-server {binary}   ports {config.daemon.port_range[0]}-"
-          f"{config.daemon.port_range[1]}   queue timeout {config.daemon.queue_timeout_s:g} s")
-    print(describe_models(config))
+    from rich.text import Text
+
+    emit(make_console(), Text(f"{args.path}: valid"),
+         Text(f"listen {config.daemon.listen}   llama-server {binary}   ports {config.daemon.port_range[0]}-"
+              f"{config.daemon.port_range[1]}   queue timeout {config.daemon.queue_timeout_s:g} s"),
+         describe_models(config))  # fmt: skip
     return EXIT_OK
 
 
-def describe_models(config: Config) -> str:
-    rows = [("MODEL", "GROUP", "TTL", "PRIO", "ALIASES", "FILE", "ARGS")]
+def describe_models(config: Config) -> Table:
+    table = new_table(("MODEL", {"no_wrap": True}), ("GROUP", {}), ("TTL", {"no_wrap": True}), ("PRIO", {}),
+                      ("ALIASES", {}), ("FILE", {"overflow": "fold", "ratio": 2}),
+                      ("ARGS", {"overflow": "fold", "ratio": 1}))  # fmt: skip
     for name, model in config.models.items():
         group = config.group_of(name)
         flags = ",".join(f for f, on in (("swap", group.swap), ("exclusive", group.exclusive),
@@ -197,14 +212,61 @@ def describe_models(config: Config) -> str:
         else:
             size = f" ({model.model.stat().st_size / 2**20:.0f} MB)" if model.model.is_file() else ""
             what, args = f"{model.model}{size}", " ".join(model.args) or "-"
-        rows.append((name, f"{model.group}[{flags}]", ttl, str(model.priority), ",".join(model.aliases) or "-",
-                     what, args))  # fmt: skip
-    return table(rows)
+        table.add_row(name, f"{model.group}[{flags}]", ttl, str(model.priority), ",".join(model.aliases) or "-",
+                      what, args)  # fmt: skip
+    return table
 
 
-def table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+# ---------------------------------------------------------------- terminal output (rich)
+# Tables fit the terminal's width (columns that matter first; rich wraps or shortens the rest). Colour only on a
+# terminal, never in a pipe or with $NO_COLOR set. Piped without $COLUMNS there is no width to fit: lines stay
+# whole, for grep. Console markup is off: a model's error text is printed as it is, brackets and all.
+
+STATE_STYLES = {"ready": "green", "loading": "yellow", "unloading": "yellow", "failed": "bold red", "unloaded": "dim"}
+ROUTE_STYLES = {"local": "green", "queued": "yellow", "cloud": "cyan", "rejected": "red"}
+UNBOUNDED_WIDTH = 100_000
+_TRAILING_BLANKS = re.compile(r"[ \t]+((?:\x1b\[[0-9;]*m)*)$", re.MULTILINE)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
+
+
+def make_console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    terminal = _isatty(sys.stderr if stderr else sys.stdout)
+    width = None if terminal or os.environ.get("COLUMNS", "").strip().isdigit() else UNBOUNDED_WIDTH
+    colour = terminal and not os.environ.get("NO_COLOR")
+    return Console(stderr=stderr, width=width, color_system="auto" if colour else None, force_terminal=terminal,
+                   markup=False, emoji=False, highlight=False)  # fmt: skip
+
+
+def emit(console: Console, *renderables: Any) -> None:
+    """Print, without the blanks rich pads table cells with at the end of a line."""
+    with console.capture() as captured:
+        for renderable in renderables:
+            console.print(renderable)
+    console.file.write(_TRAILING_BLANKS.sub(r"\1", captured.get()))
+    console.file.flush()
+
+
+def new_table(*columns: tuple[str, dict[str, Any]]) -> Table:
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
+    for header, options in columns:
+        table.add_column(header, **options)
+    return table
+
+
+def _duration(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
 
 
 # ---------------------------------------------------------------- client commands
@@ -259,6 +321,8 @@ def _client_command(args: argparse.Namespace, method: str, path: str, timeout: f
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        return cmd_watch(args)
     answer = _client_command(args, "GET", "/status")
     if answer is None:
         return EXIT_FAIL
@@ -266,22 +330,79 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(document, indent=2))
         return EXIT_OK
-    print(render_status(document))
+    console = make_console()
+    emit(console, *render_status(document, console.width))
     return EXIT_OK
 
 
-def render_status(document: dict[str, Any]) -> str:
-    rows = [("MODEL", "STATE", "PID", "PORT", "VRAM MB", "IN-FLIGHT", "QUEUED", "TTL LEFT", "LAST LOAD", "NOTE")]
-    for name, model in document.get("models", {}).items():
-        ttl = "-" if model.get("ttl_remaining_s") is None else f"{model['ttl_remaining_s']:.0f}s"
-        load = "-" if model.get("last_load_ms") is None else f"{model['last_load_ms']} ms"
-        note = (model.get("last_error") or "").splitlines()[0][:60] if model.get("last_error") else ""
-        vram = f"{model.get('vram_mb')} ({model.get('vram_source', '?')})"
-        rows.append((name, model["state"], str(model.get("pid") or "-"), str(model.get("port") or "-"), vram,
-                     str(model.get("in_flight", 0)), str(model.get("queued", 0)), ttl, load, note))  # fmt: skip
-    lines = [table(rows), ""]
-    cached = [(name, model["prompt_cache"]) for name, model in document.get("models", {}).items()
-              if model.get("prompt_cache")]
+def render_status(document: dict[str, Any], width: int = UNBOUNDED_WIDTH) -> list[Any]:
+    """The /status document for a person: the models' table (the columns that fit `width`), then each model's
+    whole last error, the latest loads and unloads, prompt caches, memory, leases and gaming mode."""
+    from rich.padding import Padding
+    from rich.text import Text
+
+    models = document.get("models", {})
+    longest = max((len(name) for name in models), default=5)
+    columns: list[tuple[str, dict[str, Any]]] = [
+        ("MODEL", {"min_width": min(longest, 24), "overflow": "fold"}),
+        ("STATE", {"no_wrap": True}),
+        ("ROUTE", {"no_wrap": True}),
+        ("VRAM MB", {}),
+        ("IN/QUEUED", {"no_wrap": True}),
+        ("TTL LEFT", {"no_wrap": True}),
+    ]
+    # What fits: the first columns always (73 characters with a 16-character name); then the note (else it goes
+    # below the table, one line per model), the last load time, recent latency, and the process.
+    wide = {"note": width >= 110, "last_load": width >= 120, "latency": width >= 130, "process": width >= 150}
+    if wide["last_load"]:
+        columns.append(("LAST LOAD", {"no_wrap": True}))
+    if wide["latency"]:
+        columns += [("TTFT P50", {"no_wrap": True}), ("TOK/S", {"no_wrap": True})]
+    if wide["process"]:
+        columns += [("PID", {"no_wrap": True}), ("PORT", {"no_wrap": True})]
+    if wide["note"]:
+        columns.append(("NOTE", {"overflow": "fold", "ratio": 1, "min_width": 20}))
+    table = new_table(*columns)
+    notes: list[Any] = []
+    for name, model in models.items():
+        state = model["state"]
+        progress = model.get("load_progress")
+        shown_state = f"{state} {progress:.0%}" if state == "loading" and progress is not None else state
+        route = model.get("route") or "-"
+        row: list[Any] = [
+            name, Text(shown_state, style=STATE_STYLES.get(state, "")), Text(route, style=ROUTE_STYLES.get(route, "")),
+            f"{model.get('vram_mb')} ({model.get('vram_source', '?')})",
+            f"{model.get('in_flight', 0)}/{model.get('queued', 0)}",
+            "-" if model.get("ttl_remaining_s") is None else f"{model['ttl_remaining_s']:.0f}s",
+        ]  # fmt: skip
+        if wide["last_load"]:
+            row.append("-" if model.get("last_load_ms") is None else f"{model['last_load_ms']} ms")
+        if wide["latency"]:
+            latency = model.get("latency") or {}
+            rate = latency.get("tokens_per_s")
+            row += [_duration(latency.get("ttft_p50_ms")), "-" if rate is None else f"{rate:g}"]
+        if wide["process"]:
+            row += [str(model.get("pid") or "-"), str(model.get("port") or "-")]
+        note = _status_note(model)
+        if wide["note"]:
+            row.append(note or "-")
+        elif note:
+            notes.append(Text.assemble((name, "bold"), f": {note}"))
+        table.add_row(*row)
+    out: list[Any] = [table, *notes]
+    for name, model in models.items():  # the whole cause, every line of it: it is what the operator needs
+        if model.get("last_error"):
+            title = f"{name} failed:" if model["state"] == "failed" else f"{name}: last error (now {model['state']}):"
+            out += [Text(""), Text(title, style="bold red" if model["state"] == "failed" else "bold"),
+                    Padding(Text(model["last_error"].rstrip("\n"), overflow="fold"), (0, 0, 0, 2), expand=False)]
+    recent = document.get("timeline") or []
+    if recent:
+        out += [Text(""), Text("recent:", style="bold")]
+        for entry in recent[-5:]:
+            kind, style, text = timeline_event(entry)
+            out.append(Text.assemble(f"  {_clock(entry.get('at'))}  ", (f"{kind:<9}", style), f" {text}"))
+    lines: list[str] = []  # a line that starts with two blanks is indented, wrapped lines too
+    cached = [(name, model["prompt_cache"]) for name, model in models.items() if model.get("prompt_cache")]
     if cached:
         lines.append("prompt cache: " + "; ".join(
             f"{name} {c['tokens']} tokens in {c['slots']} slot{'s' if c['slots'] != 1 else ''} "
@@ -296,14 +417,320 @@ def render_status(document: dict[str, Any]) -> str:
         lines.append(f"  models {device['models_mb']} MB, leases {device['leases_mb']} MB, "
                      f"other programs {device['foreign_mb']} MB, reserve {device['reserve_mb']} MB, "
                      f"available {device['available_mb']} MB")
+    out.append(Text(""))
+    for line in lines:
+        indent = len(line) - len(line.lstrip(" "))
+        out.append(Padding(Text(line.lstrip(" ")), (0, 0, 0, indent), expand=False) if indent else Text(line))
     leases = document.get("leases", [])
     if leases:
-        lease_rows = [("LEASE", "OWNER", "MB", "PRIORITY", "PID", "EXPIRES IN")]
-        lease_rows += [(str(x["id"]), x["owner"], str(x["vram_mb"]), str(x["priority"]), str(x.get("pid") or "-"),
-                        f"{x['expires_in_s']:.0f}s") for x in leases]  # fmt: skip
-        lines += ["", table(lease_rows)]
-    lines.append(f"gaming mode: {'on' if document.get('gaming_mode') else 'off'}")
-    return "\n".join(lines)
+        lease_table = new_table(("LEASE", {}), ("OWNER", {"overflow": "fold"}), ("MB", {}), ("PRIORITY", {}),
+                                ("PID", {}), ("EXPIRES IN", {}))  # fmt: skip
+        for x in leases:
+            lease_table.add_row(str(x["id"]), x["owner"], str(x["vram_mb"]), str(x["priority"]),
+                                str(x.get("pid") or "-"), f"{x['expires_in_s']:.0f}s")  # fmt: skip
+        out += [Text(""), lease_table]
+    gaming = bool(document.get("gaming_mode"))
+    out.append(Text.assemble("gaming mode: ", ("on", "bold yellow") if gaming else "off"))
+    return out
+
+
+def _status_note(model: dict[str, Any]) -> str:
+    """Why a model waits or how its load goes, in words; the first line of its error (all of it is below)."""
+    notes = []
+    if model.get("waiting_for") and model["waiting_for"] != "loading":
+        notes.append(model["waiting_for"])
+    if model["state"] == "loading":
+        if model.get("load_progress_basis"):
+            notes.append(model["load_progress_basis"])
+        if model.get("eta_ms"):
+            notes.append(f"ready in about {_duration(model['eta_ms'])}")
+    if model.get("last_error"):
+        notes.append("error: " + model["last_error"].splitlines()[0][:60] + " (below)")
+    elif model["state"] == "unloaded" and isinstance(model.get("last_stop"), dict):
+        notes.append(f"last stop: {model['last_stop'].get('cause')}")
+    return "; ".join(notes)
+
+
+def _clock(at: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at if at is not None else time.time()))
+
+
+def timeline_event(entry: dict[str, Any]) -> tuple[str, str, str]:
+    """One /status timeline entry, for a person: (what, its colour, the rest)."""
+    model, cause, event = entry.get("model", "?"), entry.get("cause") or "-", entry.get("event")
+    if event == "loaded":
+        if entry.get("displaced"):
+            return "swapped", "green", (f"{', '.join(entry['displaced'])} -> {model} in {_duration(entry.get('swap_ms'))}"
+                                        f" ({cause}; loading {model} took {_duration(entry.get('ms'))})")
+        return "loaded", "green", f"{model} in {_duration(entry.get('ms'))} ({cause})"
+    if event == "unloaded":
+        return "unloaded", "cyan", f"{model} ({cause}; stopped in {_duration(entry.get('ms'))})"
+    if event == "load_failed":
+        return "failed", "bold red", f"{model} did not load: {cause}"
+    if event == "crashed":
+        return "crashed", "bold red", f"{model}: {cause}"
+    return str(event), "", f"{model} ({cause})"
+
+
+# ---------------------------------------------------------------- /events: the live document
+
+
+class EventStream:
+    """GET /events, read as it arrives: iterating yields each `status` event's document and ends with the stream.
+    close() may come from another thread: it unblocks a read in progress."""
+
+    def __init__(self, args: argparse.Namespace, timeout: float = 40):  # the daemon sends a keep-alive every 15 s
+        import http.client
+        import urllib.parse
+
+        self.url, token = _client_settings(args)
+        parts = urllib.parse.urlsplit(self.url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        headers = {"Accept": "text/event-stream"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.connection = kind(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+        try:
+            self.connection.request("GET", parts.path.rstrip("/") + "/events", headers=headers)
+            self.response = self.connection.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise Unreachable(f"the daemon at {self.url} is unreachable: {exc}") from None
+        if self.response.status != 200:
+            self.close()
+            raise Unreachable(f"the daemon at {self.url} answered {self.response.status} to GET /events")
+
+    def __iter__(self) -> Any:
+        import http.client
+
+        event, data = "message", []
+        try:
+            for raw in self.response:
+                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].removeprefix(" "))
+                elif not line:
+                    if event == "status" and data:
+                        yield json.loads("\n".join(data))
+                    event, data = "message", []
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            raise Unreachable(f"the connection to {self.url} was lost: {exc or type(exc).__name__}") from None
+
+    def close(self) -> None:
+        sock = self.connection.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.connection.close()
+
+
+class _Follower(threading.Thread):
+    """Keeps the latest /events document (and when it came) for a foreground loop; reconnects when it drops."""
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(daemon=True)
+        self.args = args
+        self.latest: dict[str, Any] | None = None
+        self.received = 0.0  # time.monotonic() of the latest
+        self.stopped = threading.Event()
+        self.stream: EventStream | None = None
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.stream = EventStream(self.args)
+                if self.stopped.is_set():
+                    break
+                for document in self.stream:
+                    self.latest, self.received = document, time.monotonic()
+            except Unreachable:
+                pass
+            finally:
+                if self.stream is not None:
+                    self.stream.close()
+            self.stopped.wait(1.0)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.stream is not None:
+            self.stream.close()
+
+
+def load_progress_now(model: dict[str, Any], age_s: float) -> float | None:
+    """The document's load_progress, carried forward by the time since it came (the daemon sends a document when
+    something changes, not as a load goes on): eta_ms says how fast it moves."""
+    progress = model.get("load_progress")
+    if progress is None:
+        return None
+    if model.get("eta_ms"):
+        progress += age_s * 1000 * (1 - progress) / model["eta_ms"]
+    return min(0.99, progress)
+
+
+def _load_phase(model: dict[str, Any]) -> str | None:
+    """Where a load stands, in words (None: nothing to say yet)."""
+    if model["state"] == "loading":
+        basis = model.get("load_progress_basis")
+        if model.get("load_progress") is None:
+            return "loading (never loaded before)" if basis and basis.startswith("never loaded") else "loading"
+        return f"loading ({basis})" if basis else "loading"
+    if model.get("waiting_for"):
+        return f"waiting: {model['waiting_for']}"
+    return None
+
+
+class _LoadBar:
+    """A progress bar on a terminal: by load_progress, or a spinner when the model was never loaded before."""
+
+    def __init__(self, console: Console, model: str):
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                 TimeElapsedColumn(), console=console, transient=True)  # fmt: skip
+        self.model = model
+        self.task = self.progress.add_task(f"{model}: asking the daemon", total=None)
+        self.progress.start()
+
+    def show(self, model: dict[str, Any] | None, age_s: float) -> None:
+        if model is None:
+            return
+        phase = _load_phase(model)
+        fraction = load_progress_now(model, age_s) if model["state"] == "loading" else None
+        if phase is not None:
+            self.progress.update(self.task, description=f"{self.model}: {phase}", total=None if fraction is None else 1,
+                                 completed=fraction or 0)  # fmt: skip
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class _LoadLines:
+    """Plain lines when stderr is not a terminal: each change of phase, and every quarter of a load."""
+
+    def __init__(self, console: Console, model: str):
+        self.console, self.model = console, model
+        self.said: tuple[str, int] | None = None
+
+    def show(self, model: dict[str, Any] | None, age_s: float) -> None:
+        if model is None:
+            return
+        phase = _load_phase(model)
+        if phase is None:
+            return
+        fraction = load_progress_now(model, age_s) if model["state"] == "loading" else None
+        quarter = -1 if fraction is None else int(fraction * 4)
+        if self.said is not None and self.said[0] == phase:
+            if quarter > self.said[1]:
+                self.console.print(f"{self.model}: loading {quarter * 25}%")
+                self.said = (phase, quarter)
+            return
+        self.console.print(f"{self.model}: {phase}" + (f" {fraction:.0%}" if fraction is not None else ""))
+        self.said = (phase, quarter)
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- status --watch
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Follow /events and print what happens, one line each, until Ctrl-C (or each document, with --json)."""
+    console = make_console()
+    try:
+        stream = EventStream(args)
+    except Unreachable as exc:
+        print(f"model-supervisor: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    previous: dict[str, Any] | None = None
+    lost: str | None = None
+    try:
+        while True:
+            try:
+                for document in stream:
+                    if lost is not None:
+                        _watch_line(console, "connected", "green", f"to {stream.url} again")
+                        lost = None
+                    if args.json:
+                        print(json.dumps(document), flush=True)
+                    else:
+                        for kind, style, text in watch_events(previous, document, stream.url):
+                            _watch_line(console, kind, style, text)
+                    previous = document
+                raise Unreachable(f"the daemon at {stream.url} ended the stream")
+            except Unreachable as exc:
+                stream.close()
+                if lost is None and not args.json:
+                    _watch_line(console, "lost", "bold red", f"{exc}; reconnecting")
+                lost = str(exc)
+            while True:
+                time.sleep(1.0)
+                try:
+                    stream = EventStream(args)
+                    break
+                except Unreachable:
+                    continue
+    except KeyboardInterrupt:
+        stream.close()
+        return EXIT_OK
+
+
+def _watch_line(console: Console, kind: str, style: str, text: str, at: float | None = None) -> None:
+    from rich.text import Text
+
+    emit(console, Text.assemble(f"{_clock(at)}  ", (f"{kind:<9}", style), f" {text}"))
+
+
+def watch_events(previous: dict[str, Any] | None, document: dict[str, Any],
+                 url: str) -> list[tuple[str, str, str]]:  # fmt: skip
+    """What changed from `previous` to `document`, as (what, colour, the rest) lines; the first document gets one
+    line that says what runs."""
+    models = document.get("models", {})
+    leases = {lease["id"]: lease for lease in document.get("leases", [])}
+    if previous is None:
+        running = [f"{name} {m['state']}" for name, m in models.items() if m["state"] != "unloaded"]
+        return [("watching", "bold", f"{url}: {', '.join(running) or 'no model loaded'}; gaming mode "
+                                     f"{'on' if document.get('gaming_mode') else 'off'}; {len(leases)} "
+                                     f"lease{'' if len(leases) == 1 else 's'} (Ctrl-C to stop)")]
+    lines: list[tuple[str, str, str]] = []
+    seen = {(e.get("at"), e.get("model"), e.get("event")) for e in previous.get("timeline") or []}
+    for entry in document.get("timeline") or []:
+        if (entry.get("at"), entry.get("model"), entry.get("event")) not in seen:
+            lines.append(timeline_event(entry))
+    before = previous.get("models", {})
+    for name, model in models.items():
+        old = before.get(name)
+        if old is None:
+            lines.append(("added", "bold", f"{name} (config reloaded)"))
+            continue
+        if model["state"] == "loading" and old["state"] != "loading":
+            phase = _load_phase(model) or "loading"
+            eta = f", ready in about {_duration(model['eta_ms'])}" if model.get("eta_ms") else ""
+            lines.append(("loading", "yellow", f"{name}{phase.removeprefix('loading')}{eta}"))
+        waiting = model.get("waiting_for")
+        if waiting and waiting != old.get("waiting_for") and waiting != "loading":
+            if waiting.startswith("draining:"):
+                lines.append(("draining", "yellow", f"{name}: {waiting.removeprefix('draining:').strip()}"))
+            else:
+                lines.append(("waiting", "yellow", f"{name}: {waiting}"))
+    for name in before:
+        if name not in models:
+            lines.append(("removed", "bold", f"{name} (config reloaded)"))
+    old_leases = {lease["id"]: lease for lease in previous.get("leases", [])}
+    for lease_id, lease in leases.items():
+        if lease_id not in old_leases:
+            lines.append(("lease", "magenta", f"{lease_id} granted: {lease['owner']} holds {lease['vram_mb']} MB "
+                                              f"(priority {lease['priority']}, pid {lease.get('pid') or '-'}, "
+                                              f"ttl {lease.get('ttl_s', 0):g}s)"))
+    for lease_id, lease in old_leases.items():
+        if lease_id not in leases:
+            lines.append(("lease", "magenta", f"{lease_id} released: {lease['owner']}'s {lease['vram_mb']} MB"))
+    if bool(document.get("gaming_mode")) != bool(previous.get("gaming_mode")):
+        on = bool(document.get("gaming_mode"))
+        lines.append(("gaming", "bold yellow" if on else "bold", f"gaming mode {'on' if on else 'off'}"))
+    return lines
 
 
 def _admin_call(args: argparse.Namespace, what: str, method: str, path: str, timeout: float = 30,
@@ -320,8 +747,37 @@ def _admin_call(args: argparse.Namespace, what: str, method: str, path: str, tim
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    body = _admin_call(args, f"load {args.model}", "POST", f"/models/{args.model}/load", timeout=3600)
-    if body is None:
+    """POST the load and wait for its answer; meanwhile show how it goes (from /events) on stderr: a progress bar
+    on a terminal, plain lines otherwise."""
+    answer: dict[str, Any] = {}
+
+    def post() -> None:
+        try:
+            answer["reply"] = call(args, "POST", f"/models/{args.model}/load", timeout=3600)
+        except Unreachable as exc:
+            answer["unreachable"] = exc
+
+    poster = threading.Thread(target=post, daemon=True)
+    poster.start()
+    follower = _Follower(args)
+    follower.start()
+    console = make_console(stderr=True)
+    view = _LoadBar(console, args.model) if console.is_terminal else _LoadLines(console, args.model)
+    try:
+        while poster.is_alive():
+            poster.join(0.1)
+            document = follower.latest
+            if document is not None:
+                view.show(document.get("models", {}).get(args.model), time.monotonic() - follower.received)
+    finally:
+        follower.stop()
+        view.close()
+    if "unreachable" in answer:
+        print(f"model-supervisor: {answer['unreachable']}", file=sys.stderr)
+        return EXIT_FAIL
+    status, body = answer["reply"]
+    if status != 200:
+        print(f"model-supervisor: load {args.model} failed: {_message(body)}", file=sys.stderr)
         return EXIT_FAIL
     print(f"{args.model}: ready (loaded in {body.get('load_ms')} ms)")
     return EXIT_OK
@@ -511,7 +967,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(document, indent=2))
     else:
-        print(render_usage(document, target, source))
+        from rich.text import Text
+
+        emit(make_console(), *(Text(line) for line in render_usage(document, target, source).splitlines()))
     return EXIT_OK
 
 
@@ -568,7 +1026,7 @@ def cmd_models_stale(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(render_stale(report))
+        emit(make_console(), *render_stale(report))
     return EXIT_OK
 
 
@@ -609,16 +1067,20 @@ def stale_files(config: Config, last_used: dict[str, float], ledger_began: float
     return {"days": days, "files": stale, "total_bytes": sum(e["bytes"] for e in stale), "missing": missing}
 
 
-def render_stale(report: dict[str, Any]) -> str:
-    lines = []
+def render_stale(report: dict[str, Any]) -> list[Any]:
+    from rich.text import Text
+
+    out: list[Any] = []
     if report["files"]:
-        rows = [("MODEL", "LAST USED", "FROM", "SIZE", "FILE")]
+        table = new_table(("MODEL", {"overflow": "fold"}), ("LAST USED", {}), ("FROM", {}),
+                          ("SIZE", {"no_wrap": True}), ("FILE", {"overflow": "fold", "ratio": 1}))  # fmt: skip
         for entry in report["files"]:
             when = time.strftime("%Y-%m-%d", time.localtime(entry["last_used"]))
             source = {"ledger_start": "no request since ledger began", "mtime": "modified"}
-            rows.append((",".join(entry["models"]), f"{when} ({entry['age_days']:g} days ago)",
-                         source.get(entry["source"], entry["source"]), _size(entry["bytes"]), entry["path"]))
-        lines += [table(rows), ""]
+            table.add_row(",".join(entry["models"]), f"{when} ({entry['age_days']:g} days ago)",
+                          source.get(entry["source"], entry["source"]), _size(entry["bytes"]), entry["path"])
+        out += [table, Text("")]
+    lines = []
     count = len(report["files"])
     lines.append(f"{count} file{'s' if count != 1 else ''} unused for {_days(report['days'])} or more; removing "
                  f"{'them' if count != 1 else 'it'} would free {_size(report['total_bytes'])}. Nothing was deleted.")
@@ -626,7 +1088,7 @@ def render_stale(report: dict[str, Any]) -> str:
         lines.append("(no usage ledger found: last use is the files' access time)")
     for path in report["missing"]:
         lines.append(f"missing: {path}")
-    return "\n".join(lines)
+    return out + [Text(line) for line in lines]
 
 
 def _size(size: int) -> str:

@@ -135,6 +135,10 @@ def _connect_writable(path: Path) -> sqlite3.Connection:
         raise LedgerError(f"{path}: cannot switch to WAL journal mode (got {mode})")
     # NORMAL in WAL mode: commits survive a crash of the process; fsync only at checkpoints.
     connection.execute("PRAGMA synchronous = NORMAL")
+    # A checkpoint every 100 pages, and the WAL truncated back to 1 MiB after one: left alone it keeps its largest
+    # size (4 MB and more), which on a small state_dir is the disk the learned figures and prompt cache need.
+    connection.execute("PRAGMA wal_autocheckpoint = 100")
+    connection.execute("PRAGMA journal_size_limit = 1048576")
     return connection
 
 

@@ -254,31 +254,31 @@ class ModelSupervisorRouting(CustomLogger):  # type: ignore[misc,valid-type]
             return None
         host = self.hosts.get(root)
         if host is None or host.task is None or host.task.done():
-            self._watch(root, _resolve_secret(params.get("api_key")))
+            self._watch(root)
         return root, names
 
     # ------------------------------------------------------------ watchers
 
-    def _watch(self, root: str, api_key: Any) -> None:
+    def _watch(self, root: str) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             if self._loop is not None and not self._loop.is_closed() and self._loop.is_running():
                 # Another loop owns the watchers (a second thread): start it there, read the state from here.
-                self._loop.call_soon_threadsafe(self._watch_here, root, api_key)
+                self._loop.call_soon_threadsafe(self._watch_here, root)
                 return
             self._loop, self._session = loop, None  # the old loop is gone, and its tasks with it
             self.hosts = {}
-        self._watch_here(root, api_key)
+        self._watch_here(root)
 
-    def _watch_here(self, root: str, api_key: Any) -> None:
+    def _watch_here(self, root: str) -> None:
         host = self.hosts.get(root)
         if host is not None and host.task is not None and not host.task.done():
             return
         if host is None:
             host = self.hosts[root] = Host(root)
+        # No credentials: /events is open on a daemon (the deployment's key is for its /v1, and a base that is
+        # not a daemon gets nothing of ours).
         headers = {"Accept": "text/event-stream"}
-        if isinstance(api_key, str) and api_key and api_key.lower() != "none":
-            headers["Authorization"] = f"Bearer {api_key}"  # /events is open; with the key it also shows ports
         host.task = asyncio.get_running_loop().create_task(self._follow_forever(host, headers),
                                                            name=f"model-supervisor events {root}")
 

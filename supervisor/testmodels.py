@@ -145,7 +145,8 @@ def _weights(specs, rng: np.random.Generator, bias: np.ndarray, n_embd: int) -> 
 
 
 def write_test_model(path, *, seed: int = 0, n_layers: int = 2, n_embd: int = 64, n_head: int = 4,
-                     context_length: int = 4096, size_mb: float | None = None, name: str | None = None) -> pathlib.Path:
+                     context_length: int = 4096, size_mb: float | None = None, name: str | None = None,
+                     extra_vocab: int = 0) -> pathlib.Path:
     """Write a random-weight llama GGUF to `path` (atomically, creating parent dirs) and return its path.
 
     `seed` drives the weights, so different seeds give different files. `size_mb` (MiB), when given, grows
@@ -156,6 +157,11 @@ def write_test_model(path, *, seed: int = 0, n_layers: int = 2, n_embd: int = 64
     path = pathlib.Path(path)
     name = name if name is not None else f"test-model-{seed}"
     tokens, scores, types, bias = _vocab()
+    if extra_vocab:  # a vocabulary as large as real models' (256k tokens) makes reading the header slow
+        tokens = tokens + [f"<extra_{i}>" for i in range(extra_vocab)]
+        scores = scores + [-1e9] * extra_vocab
+        types = types + [int(gguf.TokenType.UNUSED)] * extra_vocab
+        bias = np.concatenate([bias, np.full(extra_vocab, -100.0, dtype=np.float32)])
     n_vocab = len(tokens)
 
     n_ff = 4 * n_embd

@@ -270,3 +270,50 @@ async def test_a_full_state_disk_does_not_switch_off_crash_detection(start_daemo
         assert status == 200 and d.runtime.core.models["a"].pid != victim
         await d.http.close()
         await d.daemon.stop()  # before the tmpfs goes
+
+
+async def test_reading_a_large_vocabulary_on_reload_does_not_block_the_loop(start_fake_daemon, tmp_path):
+    from model_supervisor.testmodels import write_test_model
+
+    small = write_test_model(tmp_path / "small.gguf", seed=1)
+    big = write_test_model(tmp_path / "big.gguf", seed=2, extra_vocab=120_000)  # its header takes seconds to read
+    config = tmp_path / "models.toml"
+    head = f'[daemon]\nllama_server = "/bin/true"\nstate_dir = "{tmp_path / "state"}"\n[models.small]\nmodel = "{small}"\n'
+    config.write_text(head)
+    d = await start_fake_daemon({}, config_path=str(config))
+    config.write_text(head + f'[models.big]\nmodel = "{big}"\n')
+    loop = asyncio.get_running_loop()
+    reload = asyncio.ensure_future(d.post_json("/reload"))
+    slowest = 0.0
+    while not reload.done():
+        started = loop.time()
+        async with d.http.get(f"{d.url}/health") as response:
+            assert response.status == 200
+        slowest = max(slowest, loop.time() - started)
+        await asyncio.sleep(0.05)
+    status, summary = await reload
+    assert status == 200 and summary["added"] == ["big"]
+    assert slowest < 0.5, f"/health took {slowest:.2f} s during the reload"
+    assert d.runtime.memory.need_source["big"] == "estimate"
+
+
+@pytest.mark.llama
+async def test_unload_under_steady_load_answers_within_the_drain_bound(start_daemon, tiny_models):
+    d = await start_daemon({"a": {"model": str(tiny_models[1]), "args": ["-c", "512"]}}, drain_timeout_s=3)
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        while not stop.is_set():
+            await d.chat("a", max_tokens=2)
+
+    clients = [asyncio.ensure_future(client()) for _ in range(4)]
+    try:
+        await d.wait_until(lambda: d.state("a") == "ready")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status, body = await asyncio.wait_for(d.post_json("/models/a/unload"), 10)
+        assert status == 200 and loop.time() - started < 3 + 2
+        assert any(f["cause"] == "admin" for f in d.timeline.of("stopped", "a"))
+    finally:
+        stop.set()
+        await asyncio.gather(*clients, return_exceptions=True)
