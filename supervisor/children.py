@@ -222,7 +222,7 @@ class LlamaChildren:
         if self.servers.get(model) is server:
             del self.servers[model]
             self._answering.discard(model)
-        if self._recorded.get(model, {}).get("pid") == server.pid:
+        if model in self._recorded and self._recorded[model].get("pid") == server.pid:
             del self._recorded[model]
         self._save_record()
 

@@ -48,8 +48,10 @@ except ImportError:  # LiteLLM is not installed: the class still imports (it is 
 
 log = logging.getLogger("model_supervisor.litellm")
 
-# Ranks of a daemon deployment for one model, best first; None: it cannot serve the model at all.
+# Ranks of a daemon deployment for one model, best first; None: it cannot serve the model at all; NO_OPINION: the
+# daemon does not list the model (the deployment stays a candidate, as one the callback knows nothing of).
 NOW, LOADING, LOADABLE, DAEMON_CLOUD = 0, 1, 2, 3
+NO_OPINION = -1
 RANK_NAMES = {NOW: "now", LOADING: "loading", LOADABLE: "loadable", DAEMON_CLOUD: "daemon_cloud", None: "never"}
 
 MAX_EVENT_BYTES = 16 * 1024 * 1024  # a status document is a few KB per model
@@ -69,8 +71,10 @@ class Host:
     task: asyncio.Task | None = None
 
     def forget(self, why: str) -> None:
-        if self.document is not None or self.error != why:
-            log.info("model-supervisor at %s: no state (%s); leaving its deployments unfiltered", self.root, why)
+        if self.document is not None:  # a daemon it followed is gone: worth a warning
+            log.warning("model-supervisor at %s: no state (%s); leaving its deployments unfiltered", self.root, why)
+        elif self.error != why:
+            log.info("model-supervisor at %s: no state (%s)", self.root, why)
         self.document, self.error = None, why
 
 
@@ -130,10 +134,10 @@ def resolve(document: dict[str, Any], names: list[str]) -> str | None:
 
 def rank(document: dict[str, Any], names: list[str]) -> tuple[int | None, str]:
     """How well this daemon can serve the model named by `names` now (a rank, None: not at all) and why.
-    A model the daemon does not list is (LOADABLE, "unknown model"): no opinion, LiteLLM's answer stands."""
+    A model the daemon does not list is NO_OPINION: LiteLLM's choice stands."""
     model = resolve(document, names)
     if model is None:
-        return LOADABLE, "not a model of this daemon"
+        return NO_OPINION, "not a model of this daemon"
     entry = document["models"][model]
     route, state = entry.get("route"), entry.get("state")
     if entry.get("available_now") is True or route == "local":
@@ -223,7 +227,7 @@ class ModelSupervisorRouting(CustomLogger):  # type: ignore[misc,valid-type]
                 reasons.append("left alone" if host is None or host.kind == "other" else f"no state ({host.error})")
                 continue
             value, why = rank(host.document, target[1])
-            known.append(True)
+            known.append(value != NO_OPINION)
             ranks.append(value)
             reasons.append(why)
         if not any(known):

@@ -224,7 +224,7 @@ async def test_models_list_health_and_admin_load_unload(start_daemon, tiny_model
     status, health = await d.get_json("/health/a")
     assert status == 200 and health["state"] == "ready"
     _, listing = await d.get_json("/v1/models")
-    assert {m["id"]: m["status"]["value"] for m in listing["data"]}["speed"] == "ready"
+    assert {m["id"]: m["status"]["value"] for m in listing["data"]}["speed"] == "loaded"  # llama-swap's word; /status says "ready"
 
     status, _ = await d.post_json("/models/b/load")  # swaps a out
     assert status == 200 and d.state("a") == "unloaded"
@@ -322,13 +322,13 @@ async def test_slow_clients_get_408_and_the_daemon_goes_on(start_daemon, tiny_mo
     port = int(d.url.rsplit(":", 1)[1])
     # A head that never completes (slowloris): answered 408 and closed.
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     answer = await asyncio.wait_for(reader.read(), 10)
     assert answer.startswith(b"HTTP/1.1 408") and b"header_timeout" in answer
     writer.close()
     # A body that never completes: a JSON 408 as well.
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 100\r\n\r\n{\"model\"")
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
