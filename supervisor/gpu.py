@@ -16,7 +16,6 @@ All figures are MiB (what nvidia-smi and llama.cpp print as "MiB"), rounded down
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psutil

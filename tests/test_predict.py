@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 
-import pytest
 
 from model_supervisor import predict
 from model_supervisor.scheduler import PreloadWanted, StartProcess, UnloadRequested

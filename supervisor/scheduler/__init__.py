@@ -4,6 +4,8 @@ events     what the core is told and what it answers
 state      what it knows per model, waiter and lease
 core       SchedulerCore.handle(event) -> [actions]: the queue walk
 placement  group rules and memory budget: what must go for a load or a lease
+resting    come home, yield to other programs' memory
+reload     a new config
 policy     rank, restart backoff, fallback, gaming, TTL
 views      available now, ETA, route: what /status shows
 """

@@ -35,11 +35,13 @@ from .events import (
     MemorySnapshot,
     PreloadWanted,
     Action, ConfigReloaded, DropWaiters, Event, Fallback, GamingChanged, Grant, GrantLease, LeaseEnded,
-    LeaseReleased, LeaseRenewed, LeaseRequested, LoadFailed, LoadSucceeded, MemoryMeasured, NeedLearned, Prewarm,
+    LeaseReleased, LeaseRenewed, LeaseRequested, LoadFailed, LoadSucceeded, MemoryMeasured, NeedLearned,
     ProcessExited, Reject, RequestArrived, RequestCancelled, RequestFinished, StartProcess, StopCause,
     StopCompleted, StopProcess, Tick, UnloadRequested,
 )  # fmt: skip
-from .placement import Budget, Candidate, Placement, choose_victims, displaces, foreign_usage
+from .placement import Budget, foreign_usage, group_blocked, place
+from .reload import apply_reload
+from .resting import come_home, home_models, yield_to_others
 from .policy import (
     fallback_reason, goes_first_in_batch, kept_out_by_gaming, may_fall_back, rank, restart_delay, retry_after_s,
     ttl_expiry,
@@ -154,7 +156,7 @@ class SchedulerCore:
             case GamingChanged():
                 self.gaming = event.enabled
             case ConfigReloaded():
-                actions += self._reload(event)
+                actions += apply_reload(self, event)
             case PreloadWanted() if event.model in self.models:
                 self._predicted[event.model] = event.until
             case Tick():
@@ -177,7 +179,7 @@ class SchedulerCore:
             times += [s.ready_since + scheduler.min_residency_s for s in self.models.values()
                       if s.phase is Phase.READY and s.name in self.doomed]
         wanted = {w.model for w in self.waiters.values()}
-        homes = self._homes()
+        homes = home_models(self)
         for state in self.models.values():
             expiry = ttl_expiry(state)
             if expiry is not None and state.name not in homes:
@@ -217,7 +219,7 @@ class SchedulerCore:
             if waiter.kind == "lease":
                 if memory_blocked:
                     continue
-                placement = self._place(None, waiter, claimed, doomed, now)
+                placement = place(self, None, waiter, claimed, doomed, now)
                 actions += placement.actions
                 memory_blocked = placement.outcome == "wait"
                 continue
@@ -241,7 +243,7 @@ class SchedulerCore:
                 continue
             if state.phase is Phase.READY and not state.unload_requested:
                 continue  # draining for a placement ranked above it
-            if self._group_blocked(state, claimed):
+            if group_blocked(self, state, claimed):
                 continue
             if waiter.model not in claimed:
                 claimed.append(waiter.model)
@@ -256,7 +258,7 @@ class SchedulerCore:
             if memory_blocked:
                 self.short_of_memory.add(state.name)
                 continue
-            placement = self._place(state, waiter, claimed, doomed, now)
+            placement = place(self, state, waiter, claimed, doomed, now)
             actions += placement.actions
             memory_blocked = placement.outcome == "wait"
             if memory_blocked:
@@ -268,97 +270,10 @@ class SchedulerCore:
         for waiter in list(self.waiters.values()):
             if waiter.deadline <= now and waiter.request_id in self.waiters:
                 actions += self._timed_out(waiter, now)
-        actions += self._yield_to_others(now)
+        actions += yield_to_others(self, now)
         actions += self._expire_idle(now)
-        actions += self._come_home(now)
+        actions += come_home(self, now)
         return actions
-
-    def _place(self, state: ModelState | None, waiter: Waiter, claimed: list[str], doomed: dict[str, Rank],
-               now: float) -> Placement:
-        """Make room for a model load (state) or a lease (state None), and place it once there is room."""
-        placement = Placement("placed")
-        actions = placement.actions
-        lease = waiter.lease
-        need = state.need_mb if state is not None else lease.mb  # type: ignore[union-attr]
-        group_victims = [] if state is None else [o for o in self._resident() if displaces(state, o)]
-        memory_victims: list[ModelState] = []
-        if self.budget is not None:
-            if need > self.budget.usable_mb:
-                what = f"model {state.name!r}" if state is not None else f"lease for {lease.owner!r}"  # type: ignore[union-attr]
-                message = (f"{what} needs {need} MB but only {self.budget.usable_mb} MB are usable "
-                           f"(total {self.budget.total_mb}, reserve {self.budget.reserve_mb}, "
-                           f"used by other programs {self.budget.foreign_mb})")  # fmt: skip
-                if state is None:
-                    actions.append(self._reject(waiter, 503, "insufficient_memory", message, retry_after_s=10))
-                else:
-                    actions += self._give_up(waiter, 503, "insufficient_memory", message, retry_after_s=10)
-                placement.outcome = "rejected"
-                return placement
-            # What is already on its way out (unloading, or displaced by the group rules) will be free soon.
-            leaving = {o.name: o.need_mb for o in self._resident() if o.phase is Phase.UNLOADING or o in group_victims}
-            deficit = need - (self.free_mb() or 0) - sum(leaving.values())
-            if deficit > 0:
-                chosen = choose_victims(deficit, self._candidates(state, waiter, claimed, group_victims))
-                if chosen is None:
-                    placement.outcome = "wait"  # nothing we may stop frees enough: wait for leases, drains or others
-                    return placement
-                memory_victims = [self.models[c.name] for c in chosen]
-        victims = group_victims + memory_victims
-        waiter_rank = self._rank_key(waiter, now)
-        for victim in victims:
-            doomed.setdefault(victim.name, waiter_rank)
-            resident_for = now - victim.ready_since
-            if victim.phase is Phase.READY and resident_for < self.config.scheduler.min_residency_s:
-                continue  # too recently loaded to swap out: stopped once min_residency_s has passed
-            if victim.phase is Phase.LOADING or (victim.phase is Phase.READY and not victim.in_flight):
-                cause: StopCause = "swap" if victim in group_victims else ("lease" if state is None else "memory")
-                actions.append(self._stop(victim, cause))
-        if victims:
-            if state is not None:
-                state.displaced = tuple(sorted({*state.displaced, *(v.name for v in victims)}))
-                if state.swap_started is None:
-                    state.swap_started = now
-                if not state.prewarmed:  # the disk works while the others drain and stop
-                    state.prewarmed = True
-                    actions.append(Prewarm(state.name))
-            placement.outcome = "wait" if memory_victims else "waiting_for_group"
-            return placement
-        if self.budget is not None and (self.free_mb() or 0) < need:
-            placement.outcome = "wait"  # room is promised by models still unloading
-            return placement
-        if state is None:
-            actions.append(self._grant_lease(waiter, now))
-        else:
-            actions.append(self._start(state, now, "admin" if waiter.kind == "load" else "request"))
-        return placement
-
-    def _candidates(self, state: ModelState | None, waiter: Waiter, claimed: list[str],
-                    already: list[ModelState]) -> list[Candidate]:
-        """Resident models that may be stopped to free memory for this placement."""
-        out = []
-        for other in self._resident():
-            if other.phase is Phase.UNLOADING or other.name in claimed or other in already or other is state:
-                continue
-            if state is None:  # a lease displaces only what matters less than it does, and no persistent model
-                if other.group.persistent or other.config.priority >= waiter.priority:
-                    continue
-            elif other.group.persistent and other.config.group != state.config.group:
-                continue
-            out.append(Candidate(other.name, other.need_mb, other.config.priority, other.last_used,
-                                 busy=other.in_flight > 0 or other.phase is Phase.LOADING))  # fmt: skip
-        return out
-
-    def _group_blocked(self, state: ModelState, claimed: list[str]) -> bool:
-        """Would loading this model displace a claimed one, or be displaced by a claimed one still to load?"""
-        for name in claimed:
-            other = self.models[name]
-            if name == state.name:
-                continue
-            if displaces(state, other):
-                return True
-            if other.phase is not Phase.READY and displaces(other, state):
-                return True
-        return False
 
     def _measure(self, snapshot: MemorySnapshot) -> Budget:
         """Foreign use is fixed at the reading, against what was committed then."""
@@ -370,7 +285,7 @@ class SchedulerCore:
 
     def _expire_idle(self, now: float) -> list[Action]:
         wanted = {w.model for w in self.waiters.values()}
-        homes = self._homes()  # a home model is where the daemon rests: no TTL
+        homes = home_models(self)  # a home model is where the daemon rests: no TTL
         actions: list[Action] = []
         for state in self.models.values():
             if state.phase is not Phase.READY or state.in_flight:
@@ -396,44 +311,6 @@ class SchedulerCore:
                 actions.append(self._stop(state, event.cause))
             elif state.phase is Phase.READY:
                 state.unload_requested, state.unload_cause = True, event.cause  # stopped once it drains
-        return actions
-
-    def _reload(self, event: ConfigReloaded) -> list[Action]:
-        """Apply a new config. Settings that do not change the process (aliases, TTL, priority, groups, fallback)
-        apply at once; a model whose file or args changed is restarted once idle; removed models go once idle."""
-        config, now = event.config, event.now
-        self.config = config
-        actions: list[Action] = []
-        for name in event.diff.removed:
-            state = self.models.get(name)
-            if state is None:
-                continue
-            state.retiring = True
-            for waiter in [w for w in self.waiters.values() if w.model == name]:
-                if waiter.detached:  # already answered from the cloud
-                    del self.waiters[waiter.request_id]
-                else:
-                    message = f"model {name!r} was removed from the config"
-                    actions.append(self._reject(waiter, 503, "model_removed", message, retry_after_s=1))
-            if state.phase in (Phase.UNLOADED, Phase.FAILED):
-                del self.models[name]
-            else:
-                actions += self._unload(UnloadRequested(name, now, cause="reload"))
-        for name, new in config.models.items():
-            state = self.models.get(name)
-            need = new.vram_mb if isinstance(new.vram_mb, int) else event.needs_mb.get(name)
-            if state is None:
-                self.models[name] = ModelState(name=name, config=new, group=config.group_of(name), need_mb=need or 0)
-                continue
-            state.config, state.group = new, config.group_of(name)
-            state.retiring = False  # back in the config after an earlier reload removed it
-            if need is not None:
-                state.need_mb = need
-            if name in event.diff.process_changed:
-                if state.phase is Phase.FAILED:
-                    state.phase, state.failures, state.retry_at, state.last_error = Phase.UNLOADED, 0, 0.0, None
-                elif state.phase in RESIDENT:
-                    actions += self._unload(UnloadRequested(name, now, cause="reload"))
         return actions
 
     def _fail(self, state: ModelState, error: str, now: float, during_load: bool) -> list[Action]:
@@ -554,63 +431,3 @@ class SchedulerCore:
         state.phase = Phase.UNLOADING
         state.last_stop = (cause, detail)
         return StopProcess(state.name, state.instance, cause, detail)
-
-    def _homes(self) -> list[str]:
-        homes = [self.config.daemon.home] if self.config.daemon.home else []
-        homes += [group.home for group in self.config.groups.values() if group.home]
-        return [name for name in dict.fromkeys(homes) if name in self.models]
-
-    def _come_home(self, now: float) -> list[Action]:
-        """Nothing is wanted: load the home models (and those predicted to be wanted soon) that fit in free memory
-        without displacing anything."""
-        self._predicted = {name: until for name, until in self._predicted.items() if until > now}
-        if self.waiters or self._closing:
-            return []
-        actions: list[Action] = []
-        homes = self._homes()
-        for name in [*homes, *(p for p in self._predicted if p not in homes)]:
-            state = self.models[name]
-            if name in self._home_suspended or state.retiring or kept_out_by_gaming(self.gaming, state.config, False):
-                continue
-            if state.phase is not Phase.UNLOADED and not (state.phase is Phase.FAILED and now >= state.retry_at):
-                continue
-            resident = self._resident()
-            if any(displaces(state, other) or displaces(other, state) for other in resident):
-                continue  # a home never displaces anything, nor loads where a resident model would push it out
-            if self.budget is not None and state.need_mb > (self.free_mb() or 0):
-                continue
-            if name not in homes:
-                del self._predicted[name]  # loaded once per prediction; then it lives by its TTL like any model
-            actions.append(self._start(state, now, "home" if name in homes else "predicted"))
-        return actions
-
-    def _yield_to_others(self, now: float) -> list[Action]:
-        """Other programs grew so that what is resident no longer fits: unload models, in eviction order (idle
-        before busy, persistent last), until it fits again. A busy one drains first."""
-        gpu = self.config.gpu
-        if not gpu.yield_to_others or self.budget is None or now - self._last_yield < gpu.yield_interval_s:
-            return []
-        resident = self._resident()
-        leaving = sum(s.need_mb for s in resident if s.phase is Phase.UNLOADING or s.unload_requested)
-        models_mb, leases_mb = self.committed_mb()
-        overflow = models_mb + leases_mb - leaving - self.budget.usable_mb
-        if overflow <= 0 or overflow < gpu.yield_margin_mb:
-            return []
-        candidates = [s for s in resident if s.phase is Phase.READY and not s.unload_requested]
-        candidates.sort(key=lambda s: (s.group.persistent, s.in_flight > 0, s.config.priority, s.last_used, s.name))
-        detail = (f"other programs hold {self.budget.foreign_mb} MB: {models_mb + leases_mb} MB committed, "
-                  f"{self.budget.usable_mb} MB usable")  # fmt: skip
-        actions: list[Action] = []
-        freed = 0
-        for state in candidates:
-            if freed >= overflow:
-                break
-            freed += state.need_mb
-            if state.in_flight:
-                state.unload_requested, state.unload_cause = True, "memory_pressure"
-                state.last_stop = ("memory_pressure", detail)
-            else:
-                actions.append(self._stop(state, "memory_pressure", detail))
-        if candidates:
-            self._last_yield = now
-        return actions

@@ -11,9 +11,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from .events import Prewarm, StopCause
+from .state import Phase
+
 if TYPE_CHECKING:
+    from .core import Rank, SchedulerCore
     from .events import Action
-    from .state import ModelState
+    from .state import ModelState, Waiter
 
 
 @dataclass(frozen=True)
@@ -97,3 +101,96 @@ class Placement:
 
     outcome: Literal["placed", "wait", "waiting_for_group", "rejected"]
     actions: list[Action] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- placing a load or a lease
+
+
+def place(core: SchedulerCore, state: ModelState | None, waiter: Waiter, claimed: list[str], doomed: dict[str, Rank],
+           now: float) -> Placement:
+    """Make room for a model load (state) or a lease (state None), and place it once there is room."""
+    placement = Placement("placed")
+    actions = placement.actions
+    lease = waiter.lease
+    need = state.need_mb if state is not None else lease.mb  # type: ignore[union-attr]
+    group_victims = [] if state is None else [o for o in core._resident() if displaces(state, o)]
+    memory_victims: list[ModelState] = []
+    if core.budget is not None:
+        if need > core.budget.usable_mb:
+            what = f"model {state.name!r}" if state is not None else f"lease for {lease.owner!r}"  # type: ignore[union-attr]
+            message = (f"{what} needs {need} MB but only {core.budget.usable_mb} MB are usable "
+                       f"(total {core.budget.total_mb}, reserve {core.budget.reserve_mb}, "
+                       f"used by other programs {core.budget.foreign_mb})")  # fmt: skip
+            if state is None:
+                actions.append(core._reject(waiter, 503, "insufficient_memory", message, retry_after_s=10))
+            else:
+                actions += core._give_up(waiter, 503, "insufficient_memory", message, retry_after_s=10)
+            placement.outcome = "rejected"
+            return placement
+        # What is already on its way out (unloading, or displaced by the group rules) will be free soon.
+        leaving = {o.name: o.need_mb for o in core._resident() if o.phase is Phase.UNLOADING or o in group_victims}
+        deficit = need - (core.free_mb() or 0) - sum(leaving.values())
+        if deficit > 0:
+            chosen = choose_victims(deficit, candidates(core, state, waiter, claimed, group_victims))
+            if chosen is None:
+                placement.outcome = "wait"  # nothing we may stop frees enough: wait for leases, drains or others
+                return placement
+            memory_victims = [core.models[c.name] for c in chosen]
+    victims = group_victims + memory_victims
+    waiter_rank = core._rank_key(waiter, now)
+    for victim in victims:
+        doomed.setdefault(victim.name, waiter_rank)
+        resident_for = now - victim.ready_since
+        if victim.phase is Phase.READY and resident_for < core.config.scheduler.min_residency_s:
+            continue  # too recently loaded to swap out: stopped once min_residency_s has passed
+        if victim.phase is Phase.LOADING or (victim.phase is Phase.READY and not victim.in_flight):
+            cause: StopCause = "swap" if victim in group_victims else ("lease" if state is None else "memory")
+            actions.append(core._stop(victim, cause))
+    if victims:
+        if state is not None:
+            state.displaced = tuple(sorted({*state.displaced, *(v.name for v in victims)}))
+            if state.swap_started is None:
+                state.swap_started = now
+            if not state.prewarmed:  # the disk works while the others drain and stop
+                state.prewarmed = True
+                actions.append(Prewarm(state.name))
+        placement.outcome = "wait" if memory_victims else "waiting_for_group"
+        return placement
+    if core.budget is not None and (core.free_mb() or 0) < need:
+        placement.outcome = "wait"  # room is promised by models still unloading
+        return placement
+    if state is None:
+        actions.append(core._grant_lease(waiter, now))
+    else:
+        actions.append(core._start(state, now, "admin" if waiter.kind == "load" else "request"))
+    return placement
+
+
+def candidates(core: SchedulerCore, state: ModelState | None, waiter: Waiter, claimed: list[str],
+                already: list[ModelState]) -> list[Candidate]:
+    """Resident models that may be stopped to free memory for this placement."""
+    out = []
+    for other in core._resident():
+        if other.phase is Phase.UNLOADING or other.name in claimed or other in already or other is state:
+            continue
+        if state is None:  # a lease displaces only what matters less than it does, and no persistent model
+            if other.group.persistent or other.config.priority >= waiter.priority:
+                continue
+        elif other.group.persistent and other.config.group != state.config.group:
+            continue
+        out.append(Candidate(other.name, other.need_mb, other.config.priority, other.last_used,
+                             busy=other.in_flight > 0 or other.phase is Phase.LOADING))  # fmt: skip
+    return out
+
+
+def group_blocked(core: SchedulerCore, state: ModelState, claimed: list[str]) -> bool:
+    """Would loading this model displace a claimed one, or be displaced by a claimed one still to load?"""
+    for name in claimed:
+        other = core.models[name]
+        if name == state.name:
+            continue
+        if displaces(state, other):
+            return True
+        if other.phase is not Phase.READY and displaces(other, state):
+            return True
+    return False
