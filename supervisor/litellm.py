@@ -142,6 +142,14 @@ def rank(document: dict[str, Any], names: list[str]) -> tuple[int | None, str]:
     route, state = entry.get("route"), entry.get("state")
     if entry.get("available_now") is True or route == "local":
         return NOW, f"{model} is {state}"
+    if isinstance(entry.get("loadable"), bool):  # the daemon's own answer, as an X-Health-Check probe gets it
+        if entry["loadable"]:
+            return (LOADING, f"{model} is loading") if state == "loading" else (LOADABLE, f"{model} can load")
+        why = entry.get("unavailable_reason") or f"{model} is {state}"
+        if route == "cloud":
+            return DAEMON_CLOUD, f"{why}: the daemon answers from its cloud fallback"
+        return None, why
+    # An older daemon without `loadable`: judged from route, state, gaming mode and memory.
     gaming = document.get("gaming_mode") is True and not entry.get("allow_in_gaming", False)
     usable = [d.get("usable_mb") for d in document.get("memory") or [] if isinstance(d, dict)]
     usable = [u for u in usable if isinstance(u, (int, float))]

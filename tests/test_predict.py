@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 
-
 from model_supervisor import predict
 from model_supervisor.scheduler import PreloadWanted, StartProcess, UnloadRequested
 from model_supervisor.watchers import PredictedPreloader

@@ -65,6 +65,8 @@ class StatusSnapshot:
             "load_progress": view.load_progress,
             "load_progress_basis": view.load_progress_basis,
             "waiting_for": view.waiting_for,
+            "loadable": view.loadable,
+            "unavailable_reason": view.unavailable_reason,
             "latency": self.latency.get(view.name),
         }
 

@@ -43,6 +43,8 @@ class ModelView:
     load_progress: float | None = None  # while loading: 0..1 by how long its last load took; None: not known
     load_progress_basis: str | None = None  # what the figure rests on, or why there is none
     waiting_for: str | None = None  # why its requests wait, or why it is about to go, for a person
+    loadable: bool = True  # what an X-Health-Check probe would answer: served now, or by a load that may start now
+    unavailable_reason: str | None = None  # when not loadable: why (gaming mode, failed, cannot fit...)
 
 
 def available_now(core: SchedulerCore, model: str) -> bool:
@@ -175,6 +177,7 @@ def model_views(core: SchedulerCore, now: float) -> list[ModelView]:
     for state in core.models.values():
         expiry = ttl_expiry(state)
         progress, basis = load_progress(core, state.name, now)
+        loadable, _, reason = probe(core, state.name, now)
         views.append(
             ModelView(
                 name=state.name,
@@ -198,6 +201,8 @@ def model_views(core: SchedulerCore, now: float) -> list[ModelView]:
                 load_progress=progress,
                 load_progress_basis=basis,
                 waiting_for=waiting_for(core, state.name),
+                loadable=loadable,
+                unavailable_reason=None if loadable else reason,
             )
         )
     return views
