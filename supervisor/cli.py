@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -162,7 +161,7 @@ def warn_unset_keys(config: Config) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from . import logs
-    from .daemon import check_exposure, serve
+    from .daemon import check_exposure, run, serve
 
     logs.configure(args.log_level)
     config = load_config(config_path(args.config))
@@ -172,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(problems, str(config_path(args.config)))
     check_exposure(config)
     warn_unset_keys(config)
-    return asyncio.run(serve(config, binary, config_path=str(config_path(args.config))))
+    return run(serve(config, binary, config_path=str(config_path(args.config))))  # on uvloop where installed
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -191,17 +190,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         raise ConfigError(problems, args.path)
     from rich.text import Text
 
-    emit(make_console(), Text(f"{args.path}: valid"),
+    console = make_console()
+    emit(console, Text(f"{args.path}: valid"),
          Text(f"listen {config.daemon.listen}   llama-server {binary}   ports {config.daemon.port_range[0]}-"
               f"{config.daemon.port_range[1]}   queue timeout {config.daemon.queue_timeout_s:g} s"),
-         describe_models(config))  # fmt: skip
+         *describe_models(config, console.width))  # fmt: skip
     return EXIT_OK
 
 
-def describe_models(config: Config) -> Table:
-    table = new_table(("MODEL", {"no_wrap": True}), ("GROUP", {}), ("TTL", {"no_wrap": True}), ("PRIO", {}),
-                      ("ALIASES", {}), ("FILE", {"overflow": "fold", "ratio": 2}),
-                      ("ARGS", {"overflow": "fold", "ratio": 1}))  # fmt: skip
+def describe_models(config: Config, width: int | None = None) -> list[Any]:
+    """One row per model; when the file and arguments do not fit `width` beside the rest, they go below the table,
+    two indented lines per model."""
+    from rich.padding import Padding
+    from rich.text import Text
+
+    rows = []
     for name, model in config.models.items():
         group = config.group_of(name)
         flags = ",".join(f for f, on in (("swap", group.swap), ("exclusive", group.exclusive),
@@ -212,15 +215,27 @@ def describe_models(config: Config) -> Table:
         else:
             size = f" ({model.model.stat().st_size / 2**20:.0f} MB)" if model.model.is_file() else ""
             what, args = f"{model.model}{size}", " ".join(model.args) or "-"
-        table.add_row(name, f"{model.group}[{flags}]", ttl, str(model.priority), ",".join(model.aliases) or "-",
-                      what, args)  # fmt: skip
-    return table
+        rows.append((name, f"{model.group}[{flags}]", ttl, str(model.priority), ",".join(model.aliases) or "-",
+                     what, args))  # fmt: skip
+    headers = ("MODEL", "GROUP", "TTL", "PRIO", "ALIASES", "FILE", "ARGS")
+    natural = sum(max(len(cell) for cell in column) for column in zip(headers, *rows)) + 2 * (len(headers) - 1)
+    below = width is not None and natural > width
+    table = new_table(*((header, {"no_wrap": True}) for header in headers[:5 if below else 7]))
+    details: list[Any] = []
+    for row in rows:
+        table.add_row(*row[:5 if below else 7])
+        if below:
+            details += [Text(row[0], style="bold"),
+                        Padding(Text(f"file: {row[5]}", overflow="fold"), (0, 0, 0, 2), expand=False),
+                        Padding(Text(f"args: {row[6]}", overflow="fold"), (0, 0, 0, 2), expand=False)]
+    return [table, *([Text("")] + details if details else [])]
 
 
 # ---------------------------------------------------------------- terminal output (rich)
-# Tables fit the terminal's width (columns that matter first; rich wraps or shortens the rest). Colour only on a
-# terminal, never in a pipe or with $NO_COLOR set. Piped without $COLUMNS there is no width to fit: lines stay
-# whole, for grep. Console markup is off: a model's error text is printed as it is, brackets and all.
+# On a terminal, tables fit its width ($COLUMNS, else the terminal's own; the columns that matter first, rich wraps
+# or shortens the rest) and states are coloured, unless $NO_COLOR is set. In a pipe there is no width to fit and
+# no colour: lines stay whole for grep and scripts ($COLUMNS is not looked at there: shells and readline export
+# it for the terminal they run in). Console markup is off: an error text is printed as it is, brackets and all.
 
 STATE_STYLES = {"ready": "green", "loading": "yellow", "unloading": "yellow", "failed": "bold red", "unloaded": "dim"}
 ROUTE_STYLES = {"local": "green", "queued": "yellow", "cloud": "cyan", "rejected": "red"}
@@ -239,7 +254,7 @@ def make_console(stderr: bool = False) -> Console:
     from rich.console import Console
 
     terminal = _isatty(sys.stderr if stderr else sys.stdout)
-    width = None if terminal or os.environ.get("COLUMNS", "").strip().isdigit() else UNBOUNDED_WIDTH
+    width = None if terminal else UNBOUNDED_WIDTH
     colour = terminal and not os.environ.get("NO_COLOR")
     return Console(stderr=stderr, width=width, color_system="auto" if colour else None, force_terminal=terminal,
                    markup=False, emoji=False, highlight=False)  # fmt: skip
@@ -368,9 +383,12 @@ def render_status(document: dict[str, Any], width: int = UNBOUNDED_WIDTH) -> lis
         state = model["state"]
         progress = model.get("load_progress")
         shown_state = f"{state} {progress:.0%}" if state == "loading" and progress is not None else state
+        if state == "ready" and (model.get("waiting_for") or "").startswith("draining"):
+            shown_state = "draining"  # still serving, but on its way out: not a plain "ready"
         route = model.get("route") or "-"
         row: list[Any] = [
-            name, Text(shown_state, style=STATE_STYLES.get(state, "")), Text(route, style=ROUTE_STYLES.get(route, "")),
+            name, Text(shown_state, style=STATE_STYLES.get(shown_state.split()[0], "yellow")),
+            Text(route, style=ROUTE_STYLES.get(route, "")),
             f"{model.get('vram_mb')} ({model.get('vram_source', '?')})",
             f"{model.get('in_flight', 0)}/{model.get('queued', 0)}",
             "-" if model.get("ttl_remaining_s") is None else f"{model['ttl_remaining_s']:.0f}s",
@@ -383,7 +401,7 @@ def render_status(document: dict[str, Any], width: int = UNBOUNDED_WIDTH) -> lis
             row += [_duration(latency.get("ttft_p50_ms")), "-" if rate is None else f"{rate:g}"]
         if wide["process"]:
             row += [str(model.get("pid") or "-"), str(model.get("port") or "-")]
-        note = _status_note(model)
+        note = _status_note(model, with_error=wide["note"])
         if wide["note"]:
             row.append(note or "-")
         elif note:
@@ -434,7 +452,7 @@ def render_status(document: dict[str, Any], width: int = UNBOUNDED_WIDTH) -> lis
     return out
 
 
-def _status_note(model: dict[str, Any]) -> str:
+def _status_note(model: dict[str, Any], with_error: bool = True) -> str:
     """Why a model waits or how its load goes, in words; the first line of its error (all of it is below)."""
     notes = []
     if model.get("waiting_for") and model["waiting_for"] != "loading":
@@ -445,7 +463,8 @@ def _status_note(model: dict[str, Any]) -> str:
         if model.get("eta_ms"):
             notes.append(f"ready in about {_duration(model['eta_ms'])}")
     if model.get("last_error"):
-        notes.append("error: " + model["last_error"].splitlines()[0][:60] + " (below)")
+        if with_error:
+            notes.append("error: " + model["last_error"].splitlines()[0][:60] + " (below)")
     elif model["state"] == "unloaded" and isinstance(model.get("last_stop"), dict):
         notes.append(f"last stop: {model['last_stop'].get('cause')}")
     return "; ".join(notes)
@@ -460,8 +479,9 @@ def timeline_event(entry: dict[str, Any]) -> tuple[str, str, str]:
     model, cause, event = entry.get("model", "?"), entry.get("cause") or "-", entry.get("event")
     if event == "loaded":
         if entry.get("displaced"):
-            return "swapped", "green", (f"{', '.join(entry['displaced'])} -> {model} in {_duration(entry.get('swap_ms'))}"
-                                        f" ({cause}; loading {model} took {_duration(entry.get('ms'))})")
+            return "swapped", "green", (f"{', '.join(entry['displaced'])} -> {model} in "
+                                        f"{_duration(entry.get('swap_ms'))} ({cause}; loading {model} took "
+                                        f"{_duration(entry.get('ms'))})")
         return "loaded", "green", f"{model} in {_duration(entry.get('ms'))} ({cause})"
     if event == "unloaded":
         return "unloaded", "cyan", f"{model} ({cause}; stopped in {_duration(entry.get('ms'))})"
@@ -501,8 +521,6 @@ class EventStream:
             raise Unreachable(f"the daemon at {self.url} answered {self.response.status} to GET /events")
 
     def __iter__(self) -> Any:
-        import http.client
-
         event, data = "message", []
         try:
             for raw in self.response:
@@ -515,7 +533,7 @@ class EventStream:
                     if event == "status" and data:
                         yield json.loads("\n".join(data))
                     event, data = "message", []
-        except (OSError, ValueError, http.client.HTTPException) as exc:
+        except Exception as exc:  # the socket, http.client's chunk reader (also after close()), the JSON
             raise Unreachable(f"the connection to {self.url} was lost: {exc or type(exc).__name__}") from None
 
     def close(self) -> None:
@@ -545,7 +563,7 @@ class _Follower(threading.Thread):
                     break
                 for document in self.stream:
                     self.latest, self.received = document, time.monotonic()
-            except Unreachable:
+            except Exception:  # noqa: BLE001 - progress is a nicety: without it the load still goes on
                 pass
             finally:
                 if self.stream is not None:
@@ -556,6 +574,7 @@ class _Follower(threading.Thread):
         self.stopped.set()
         if self.stream is not None:
             self.stream.close()
+        self.join(2)
 
 
 def load_progress_now(model: dict[str, Any], age_s: float) -> float | None:
@@ -650,9 +669,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
         while True:
             try:
                 for document in stream:
-                    if lost is not None:
+                    if lost is not None and not args.json:
                         _watch_line(console, "connected", "green", f"to {stream.url} again")
-                        lost = None
+                    lost = None
                     if args.json:
                         print(json.dumps(document), flush=True)
                     else:
@@ -1026,7 +1045,8 @@ def cmd_models_stale(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        emit(make_console(), *render_stale(report))
+        console = make_console()
+        emit(console, *render_stale(report, console.width))
     return EXIT_OK
 
 
@@ -1067,19 +1087,29 @@ def stale_files(config: Config, last_used: dict[str, float], ledger_began: float
     return {"days": days, "files": stale, "total_bytes": sum(e["bytes"] for e in stale), "missing": missing}
 
 
-def render_stale(report: dict[str, Any]) -> list[Any]:
+def render_stale(report: dict[str, Any], width: int | None = None) -> list[Any]:
+    """A table of the stale files; when it does not fit `width`, one block per file: its path, then the rest."""
+    from rich.padding import Padding
     from rich.text import Text
 
     out: list[Any] = []
-    if report["files"]:
-        table = new_table(("MODEL", {"overflow": "fold"}), ("LAST USED", {}), ("FROM", {}),
-                          ("SIZE", {"no_wrap": True}), ("FILE", {"overflow": "fold", "ratio": 1}))  # fmt: skip
-        for entry in report["files"]:
-            when = time.strftime("%Y-%m-%d", time.localtime(entry["last_used"]))
-            source = {"ledger_start": "no request since ledger began", "mtime": "modified"}
-            table.add_row(",".join(entry["models"]), f"{when} ({entry['age_days']:g} days ago)",
-                          source.get(entry["source"], entry["source"]), _size(entry["bytes"]), entry["path"])
-        out += [table, Text("")]
+    source = {"ledger_start": "no request since ledger began", "mtime": "modified"}
+    rows = [(",".join(e["models"]), f"{time.strftime('%Y-%m-%d', time.localtime(e['last_used']))} "
+             f"({e['age_days']:g} days ago)", source.get(e["source"], e["source"]), _size(e["bytes"]), e["path"])
+            for e in report["files"]]  # fmt: skip
+    if rows:
+        headers = ("MODEL", "LAST USED", "FROM", "SIZE", "FILE")
+        natural = sum(max(len(cell) for cell in column) for column in zip(headers, *rows)) + 2 * (len(headers) - 1)
+        if width is None or natural <= width:
+            table = new_table(*((header, {"no_wrap": True}) for header in headers))
+            for row in rows:
+                table.add_row(*row)
+            out.append(table)
+        else:
+            for models, used, why, size, path in rows:
+                out += [Text(path, style="bold", overflow="fold"),
+                        Padding(Text(f"{models} · {size} · last used {used}, {why}"), (0, 0, 0, 2), expand=False)]
+        out.append(Text(""))
     lines = []
     count = len(report["files"])
     lines.append(f"{count} file{'s' if count != 1 else ''} unused for {_days(report['days'])} or more; removing "

@@ -218,8 +218,14 @@ class Runtime:
         await self.unload(None)
 
     async def next_change(self) -> None:
-        """Return at the next state change."""
+        """Return at the next state change (or poke)."""
         await self._changed.wait()
+
+    def poke(self) -> None:
+        """Wake whoever waits for a change though no scheduling state changed (e.g. new latency figures, so /events
+        sends them)."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until predicate() holds; it is checked after every state change, never by polling."""

@@ -4,7 +4,8 @@ Chromium is Debian's `chromium` ($CHROMIUM names another binary); scripts/bootst
 root with apt-get. Without it these tests skip. The DevTools protocol is spoken over aiohttp's websocket client, on
 the test's own event loop, beside the in-process daemon: no extra dependency and no browser download.
 
-MODEL_SUPERVISOR_DASHBOARD_SCREENSHOT=docs/dashboard.png also saves a screenshot (two models, one ready, a lease).
+MODEL_SUPERVISOR_DASHBOARD_SCREENSHOT=docs/dashboard.png also saves screenshots (two models, one ready, a lease, a
+swap timeline): that file at 1280 px, and docs/dashboard-420.png beside it at 420 px wide.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import itertools
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import time
@@ -135,15 +137,15 @@ class Page:
         await self.wait_for(expression, f"{selector} to read {expected!r}", timeout)
 
     async def click(self, selector: str) -> None:
-        """A real mouse click (pressed and released) at the element's centre, as a user would."""
-        centre = await self.eval(f"""(() => {{
+        """A real mouse click (pressed and released) at the element's centre, as a user would; once the element is
+        what is under that point (an event that re-renders the page may move it meanwhile)."""
+        centre = await self.wait_for(f"""(() => {{
             const e = document.querySelector({json.dumps(selector)});
             if (!e || !e.offsetParent) return null;
             e.scrollIntoView({{block: "center"}});
-            const r = e.getBoundingClientRect();
-            return [r.x + r.width / 2, r.y + r.height / 2];
-        }})()""")
-        assert centre, f"no visible {selector} to click"
+            const r = e.getBoundingClientRect(), x = r.x + r.width / 2, y = r.y + r.height / 2;
+            return e.contains(document.elementFromPoint(x, y)) ? [x, y] : null;
+        }})()""", f"a visible {selector} to click", timeout=10)
         for kind in ("mousePressed", "mouseReleased"):
             await self.send("Input.dispatchMouseEvent", type=kind, x=centre[0], y=centre[1], button="left",
                             clickCount=1)
@@ -152,12 +154,19 @@ class Page:
         await self.eval(f"document.querySelector({json.dumps(selector)}).focus()")
         await self.send("Input.insertText", text=text)
 
-    async def screenshot(self, path: pathlib.Path) -> None:
+    async def set_width(self, width: int, height: int = 960) -> None:
+        await self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                        mobile=False)
+        await self.wait_for(f"window.innerWidth === {width}", f"the page at {width} px")
+
+    async def screenshot(self, path: pathlib.Path, width: int = 1280) -> None:
+        await self.set_width(width)
         height = await self.eval("Math.ceil(document.documentElement.scrollHeight)")
-        await self.send("Emulation.setDeviceMetricsOverride", width=1280, height=height, deviceScaleFactor=1,
+        await self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
                         mobile=False)
         shot = await self.send("Page.captureScreenshot", format="png")
         path.write_bytes(base64.b64decode(shot["data"]))
+        await self.send("Emulation.clearDeviceMetricsOverride")
 
 
 @pytest.fixture
@@ -250,6 +259,41 @@ async def check_usage(page: Page, d) -> dict[str, Any] | None:
     return usage
 
 
+async def token_prompt_shown(page: Page) -> None:
+    await page.wait_for("document.querySelector('#token-form').classList.contains('shown')", "the token prompt")
+
+
+async def open_logs(page: Page, d, model: str, token: str | None = None) -> None:
+    """The model's logs button opens the dialog with what GET /logs/{model} answers."""
+    await page.wait_for("document.querySelector('#logs-dialog').open", f"{model}'s logs")
+    assert await page.text("#logs-title") == f"{model}: llama-server output"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with d.http.get(f"{d.url}/logs/{model}", headers=headers) as response:
+        assert response.status == 200
+        lines = (await response.text()).strip().splitlines()
+    assert lines, f"{model} printed nothing"
+    shown = await page.eval("document.querySelector('#logs-text').textContent")
+    assert lines[0] in shown and "llama" in shown  # llama-server's own output
+    await page.click("#logs-close")
+    await page.wait_for("!document.querySelector('#logs-dialog').open", "the logs to close")
+
+
+async def check_narrow_layout(page: Page, width: int = 420) -> None:
+    """At `width` px nothing is wider than the window: the models' table is one block per model, other tables
+    scroll inside their card, and every button is on screen."""
+    await page.set_width(width)
+    assert await page.eval("document.documentElement.scrollWidth") <= width
+    assert await page.eval("getComputedStyle(document.querySelector('#models thead')).display") == "none"
+    outside = await page.eval(f"""[...document.querySelectorAll('body *')]
+        .filter(e => !e.closest('.scroll') && !e.closest('dialog') && e.getBoundingClientRect().right > {width} + 0.5)
+        .map(e => e.tagName + (e.id ? '#' + e.id : '') + '.' + e.className)""")
+    assert outside == [], outside
+    buttons = await page.eval("[...document.querySelectorAll('button')].filter(b => b.offsetParent)"
+                              ".map(b => b.getBoundingClientRect().right)")
+    assert buttons and max(buttons) <= width
+    await page.send("Emulation.clearDeviceMetricsOverride")
+
+
 def seed_history(d) -> None:
     """Six earlier days of requests in the ledger, for the screenshot (through the ledger's own writer)."""
     now = time.time()
@@ -312,6 +356,32 @@ async def test_dashboard_follows_the_daemon_and_asks_for_the_admin_token(start_d
     await d.wait_until(lambda: d.runtime.gaming)
     await page.wait_for_text("#gaming-state", "on")
     assert not await page.eval("document.querySelector('#token-form').classList.contains('shown')")
+
+    # Load, unload and logs are admin requests too: without a stored token the page asks for it first, then does
+    # what was clicked; with one, at once.
+    async with d.http.post(f"{d.url}/gaming-mode", json={"enabled": False},
+                           headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+        assert response.status == 200
+    await page.wait_for_text("#gaming-state", "off")
+    await page.eval("localStorage.removeItem('model-supervisor.admin-token')")
+    await page.click('[data-model="b"] button[data-action="load"]')
+    await token_prompt_shown(page)
+    assert d.state("b") == "unloaded"
+    await page.type("#token-input", TOKEN)
+    await page.click("#token-save")
+    await page.wait_for_text('[data-model="b"] .state', "ready")
+    assert await page.eval('document.querySelector(\'[data-model="b"] button[data-action="load"]\').disabled')
+    await page.click('[data-model="b"] button[data-action="unload"]')
+    await page.wait_for_text('[data-model="b"] .state', "unloaded")
+    assert d.state("b") == "unloaded"
+    assert not await page.eval("document.querySelector('#token-form').classList.contains('shown')")
+    await page.eval("localStorage.removeItem('model-supervisor.admin-token')")
+    await page.click('[data-model="b"] button[data-action="logs"]')
+    await token_prompt_shown(page)
+    await page.type("#token-input", TOKEN)
+    await page.click("#token-save")
+    await open_logs(page, d, "b", TOKEN)
+    assert await page.text("#action-error") == ""
     assert page.errors == []
 
 
@@ -336,8 +406,91 @@ async def test_dashboard_without_a_token_shows_leases_usage_and_a_lost_connectio
     assert "300 MB" in await page.text('[data-legend="leases"]')
     usage = await check_usage(page, d)
     assert usage is not None and usage["local"] >= 3 and usage["saved_usd"] > 0
+
+    # Latency: the median time to first token (and tokens per second, from a streamed answer) of a's requests.
+    body = {"model": "a", "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 24, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with d.http.post(f"{d.url}/v1/chat/completions", json=body) as response:
+        assert response.status == 200 and "[DONE]" in await response.text()
+    await page.wait_for("document.querySelector('[data-model=\"a\"] .ttft')?.textContent.endsWith(' TTFT')",
+                        "a's latency")
+    latency = (await d.get_json("/status"))[1]["models"]["a"]["latency"]
+    assert latency["requests"] >= 4 and latency["ttft_p50_ms"] > 0
+    assert re.fullmatch(r"[\d.]+ m?s TTFT", await page.text('[data-model="a"] .ttft'))
+    # (None when the whole stream came in one read, as with these tiny models it may)
+    assert re.fullmatch(r"(–|[\d.]+) tok/s", await page.text('[data-model="a"] .tps'))
+
+    # The load button: b swaps a out. The timeline shows the swap, its cause and how long it took.
+    await page.click('[data-model="b"] button[data-action="load"]')
+    await page.wait_for_text('[data-model="b"] .state', "ready")
+    await page.wait_for_text('[data-model="a"] .state', "unloaded")
+    assert not await page.eval("document.querySelector('#token-form').classList.contains('shown')")
+    swap = await page.wait_for("""(() => {
+        const row = document.querySelector('#timeline tr[data-model="b"][data-swap]');
+        return row && ['.t-event', '.t-cause', '.t-ms'].map(c => row.querySelector(c).textContent); })()""",
+                               "the swap in the timeline")
+    assert swap[0] == "swapped in" and swap[1] == "admin · swapped out a", swap
+    assert re.fullmatch(r"[\d.]+ m?s \(swap [\d.]+ m?s\)", swap[2]), swap
+    unloaded = await page.eval("""[...document.querySelectorAll('#timeline tr[data-event="unloaded"]')]
+        .map(r => [r.querySelector('.t-model').textContent, r.querySelector('.t-cause').textContent])""")
+    assert ["a", "swap"] in unloaded
+    timeline = (await d.get_json("/status"))[1]["timeline"]
+    assert await page.eval("document.querySelectorAll('#timeline tbody tr').length") == min(len(timeline), 12)
+    # A request for a swaps b out again (for the picture: two swaps, a ready with its latency).
+    assert (await d.chat("a", max_tokens=16))[0] == 200
+    await page.wait_for_text('[data-model="a"] .state', "ready")
+    await page.wait_for("document.querySelectorAll('#timeline tr[data-swap]').length === 2", "the second swap")
+
+    # While a model loads: a progress bar (by its last load's time; a sweep when it was never loaded), and a model
+    # draining to be swapped out reads "draining", with why, never a plain "ready". The documents are set in the
+    # page directly, in one synchronous step (a real load of these tiny models is over before a look).
+    shown = await page.eval("""(() => {
+        const real = status, a = () => document.querySelector('[data-model="a"]');
+        const b = () => document.querySelector('[data-model="b"]');
+        status = JSON.parse(JSON.stringify(real));
+        Object.assign(status.models.a, {state: "loading", load_progress: 0.4, eta_ms: 600, waiting_for: "loading",
+                                        load_progress_basis: "its last load took 1000 ms"});
+        Object.assign(status.models.b, {state: "ready", route: "local",
+                                        waiting_for: "draining: to be swapped out for a once 1 request(s) finish"});
+        receivedAt = performance.now();
+        render();
+        const out = {bar: !a().querySelector('.progress').hidden,
+                     progress: +a().querySelector('.progress').dataset.progress,
+                     text: a().querySelector('.progress-text').textContent,
+                     state: b().querySelector('.state').textContent, why: b().querySelector('.why').textContent,
+                     route: b().querySelector('.route').textContent};
+        Object.assign(status.models.a, {load_progress: null, eta_ms: null,
+                                        load_progress_basis: "never loaded before: no estimate"});
+        render();
+        out.unknown = a().querySelector('.progress').dataset.progress;
+        out.unknownText = a().querySelector('.progress-text').textContent;
+        status = real;
+        render();
+        out.after = [a().querySelector('.state').textContent, a().querySelector('.progress').hidden];
+        return out; })()""")
+    assert shown["bar"] and 0.4 <= shown["progress"] < 0.5 and shown["text"].startswith("4"), shown
+    assert "ready in about" in shown["text"], shown
+    assert shown["state"] == "draining" and shown["why"].startswith("draining: to be swapped out for a"), shown
+    assert shown["route"] == "local until swapped out", shown
+    assert shown["unknown"] == "unknown" and shown["unknownText"] == "never loaded before: no estimate", shown
+    assert shown["after"] == ["ready", True], shown
+
     if screenshot:
         await page.screenshot(pathlib.Path(screenshot))
+        await page.screenshot(pathlib.Path(screenshot).with_name("dashboard-420.png"), width=420)
+    await check_narrow_layout(page)
+
+    # Unload from the page, and "unload all"; a's logs are a click away (no token configured: no prompt).
+    await page.click('[data-model="a"] button[data-action="unload"]')
+    await page.wait_for_text('[data-model="a"] .state', "unloaded")
+    await page.click('[data-model="b"] button[data-action="load"]')
+    await page.wait_for_text('[data-model="b"] .state', "ready")
+    await page.click("#unload-all")
+    await page.wait_for_text('[data-model="b"] .state', "unloaded")
+    assert d.state("a") == d.state("b") == "unloaded"
+    await page.click('[data-model="a"] button[data-action="logs"]')
+    await open_logs(page, d, "a")
+    assert await page.text("#action-error") == ""
 
     # No token configured: the switch works at once, both ways, and the page shows the daemon's state.
     await page.click("#gaming-toggle")
