@@ -33,6 +33,8 @@ from .systemd import Notifier, StatusReporter, describe
 
 log = structlog.get_logger("supervisor")
 
+UPSTREAM_KEEPALIVE_S = 4.0  # below llama-server's own 5 s keep-alive (cpp-httplib's default)
+
 
 def check_exposure(config: Config) -> None:
     """Refuse to listen beyond loopback unless admin endpoints are protected by a token."""
@@ -85,10 +87,12 @@ class Daemon:
         config = self.config
         check_exposure(config)
         stack = self._stack
-        # One pool for health checks and proxying: upstream connections are reused across requests.
+        # One pool for health checks and proxying: upstream connections are reused across requests. llama-server
+        # closes a connection idle for 5 s; the pool lets go of one sooner, so a request is not sent on a
+        # connection the server is closing (it would be sent again, but only after the failed try).
         http = await stack.enter_async_context(aiohttp.ClientSession(
             auto_decompress=False,
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(total=None),
         ))  # fmt: skip
         if self.probe is None:

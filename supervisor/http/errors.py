@@ -94,6 +94,13 @@ def error_response(error: ApiError) -> web.Response:
     return web.json_response(body, status=status, headers=headers)
 
 
+class _HeadWithBody(web.StreamResponse):
+    """A response whose head is held back until its first body bytes are written, and sent with them (aiohttp's
+    own Response does the same; a StreamResponse sends its head on prepare)."""
+
+    _send_headers_immediately = False
+
+
 class ClientGone(Exception):
     """The client went away while its answer was being written; the upstream is not to blame. Carries the
     response already started, which is all a handler can still return."""
@@ -113,7 +120,15 @@ async def stream_through(request: web.Request, upstream: aiohttp.ClientResponse,
     ClientGone (logged by the caller as the client's doing, not the model's).
     """
     async with upstream:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        content = upstream.content
+        # The body bytes already here (all of a short answer, which mostly comes in one read with its head) go out
+        # in the same write as the head: one send and one wake-up of the client instead of two. A head whose body
+        # is not here yet (a stream before its first token) goes out at once, as before.
+        try:
+            chunk = content.read_nowait()
+        except Exception:  # a broken body: the loop below meets the same error and handles it
+            chunk = b""
+        response = (_HeadWithBody if chunk else web.StreamResponse)(status=upstream.status, reason=upstream.reason)
         for key, value in upstream.headers.items():
             if key.lower() not in NOT_FORWARDED_DOWN:
                 response.headers.add(key, value)
@@ -124,21 +139,21 @@ async def stream_through(request: web.Request, upstream: aiohttp.ClientResponse,
             await response.prepare(request)
         except (ConnectionError, aiohttp.ClientConnectionError) as exc:
             raise ClientGone(response, str(exc)) from None
-        chunks = upstream.content.iter_any()
         while True:
+            if chunk:
+                if tail is not None:
+                    tail.add(chunk, time.monotonic())
+                try:
+                    await response.write(chunk)
+                except (ConnectionError, aiohttp.ClientConnectionError) as exc:
+                    raise ClientGone(response, str(exc)) from None
             try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                break
+                chunk = await content.readany()  # whatever has arrived, as one chunk; b"" at the end
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 await _upstream_cut(request, response, upstream, label, exc)
                 return response
-            if tail is not None:
-                tail.add(chunk, time.monotonic())
-            try:
-                await response.write(chunk)
-            except (ConnectionError, aiohttp.ClientConnectionError) as exc:
-                raise ClientGone(response, str(exc)) from None
+            if not chunk:
+                break
         try:
             await response.write_eof()
         except (ConnectionError, aiohttp.ClientConnectionError) as exc:
