@@ -80,6 +80,7 @@ class PromptCache:
         self._summaries: dict[str, dict[str, Any] | None] = {}  # read once from disk, dropped on every write
         # Checksums of just-saved files, computed after the stop rather than on its path; a restore waits for them.
         self._checksumming: dict[str, asyncio.Task[None]] = {}
+        self._restored: dict[str, set[int]] = {}  # slot ids restored into the running child (/slots lists them empty)
         self.prune()
 
     # ------------------------------------------------------------ configuration
@@ -238,9 +239,12 @@ class PromptCache:
                 return  # --no-slots, or an old build: nothing to save
             slots = await response.json()
         folder = self.directory(model)
+        restored = self._restored.pop(model, set())
         for slot in slots if isinstance(slots, list) else []:
             if not isinstance(slot, dict) or slot.get("is_processing") or not isinstance(slot.get("id"), int):
                 continue
+            if not slot.get("n_prompt_tokens") and slot["id"] not in restored:
+                continue  # never asked anything (a restored slot is listed without its tokens, and is saved)
             slot_id = slot["id"]
             temporary = f"slot-{slot_id}.bin.tmp-{secrets.token_hex(4)}"
             url = f"{base_url}/slots/{slot_id}?action=save"
@@ -307,6 +311,7 @@ class PromptCache:
                         manifest["slots"].pop(slot_id)
                         continue
                     restored, tokens, size = restored + 1, tokens + outcome, size + int(entry["bytes"])
+                    self._restored.setdefault(model, set()).add(int(slot_id))
         except Exception as exc:
             log.warning("prompt_cache_restore_failed", model=model, error=str(exc) or type(exc).__name__)
             return None

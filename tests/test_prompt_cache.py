@@ -179,3 +179,14 @@ def json_list(values: list[str]) -> str:
     import json
 
     return json.dumps(values)
+
+
+async def test_a_restored_slot_nobody_used_is_saved_again_at_the_next_stop(start_daemon, tiny_models, tmp_path):
+    d = await start_daemon(pair(tiny_models))
+    full, _ = await ask(d, "a")
+    await ask(d, "b", "x")
+    status, _ = await d.post_json("/models/a/load")  # a comes back with its slot restored, asked nothing
+    assert status == 200
+    await ask(d, "b", "x")  # and goes again: its restored slot is saved again
+    computed, _ = await ask(d, "a")
+    assert computed < full * 0.05
