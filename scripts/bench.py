@@ -74,8 +74,8 @@ TINY = "bench-tiny"  # ~0.5 MB: generation is so fast that any proxy cost shows 
 BIG = ("big-a", "big-b", "big-c")  # size_mb of the settings: loads take long enough to measure
 PREFIX = ("prefix-a", "prefix-b")  # promptcache: a gets the long prompt; b is the model swapped to and back from
 SEEDS = {TINY: 1, "big-a": 101, "big-b": 102, "big-c": 103, "prefix-a": 201, "prefix-b": 202}
-SECTIONS = ("proxy", "swap", "mixed", "promptcache")
-NEEDS = {"proxy": (TINY,), "swap": BIG[:2], "mixed": BIG, "promptcache": PREFIX}  # the models each section loads
+SECTIONS = ("proxy", "swap", "mixed", "promptcache", "predict")
+NEEDS = {"proxy": (TINY,), "swap": BIG[:2], "mixed": BIG, "promptcache": PREFIX, "predict": ()}  # models each loads
 PROMPT = "hello"
 MIXED_SEED = 6  # the mixed workload's schedule: the same requests in the same order for every variant
 ROUTER_SPAWN = "spawning server instance with name="  # the router's log line for each child it starts
@@ -1375,6 +1375,35 @@ class Target:
     by: str = ""  # how far from the goal (missed) or how much room is left (met)
 
 
+def predict_section() -> dict[str, Any]:
+    """Predicted preload (off by default), replayed over a generated 45 days of one user's requests: each day
+    predicted from the days before it only, checked every minute, the first 14 days as history."""
+    from model_supervisor.predict import generated_month, replay
+
+    rows = generated_month(seed=7, days=45)
+    result = replay(rows, lead_s=600, warmup_days=14, ttl_s=3600)
+    say(f"predict: {result.days} days, brief found ready on {result.per_model['brief'][1]} of "
+        f"{result.per_model['brief'][0]}, {result.preloads} preloads of which {result.unused_preloads} unused")
+    return {"days": result.days, "requests": len(rows), "per_model": result.per_model, "preloads": result.preloads,
+            "unused_preloads": result.unused_preloads, "lead_s": 600, "ttl_s": 3600}
+
+
+def predict_markdown(p: dict[str, Any]) -> list[str]:
+    lines = ["", "## 6. Predicted preload (a generated month replayed)", "",
+             f"`[daemon] predict_preload` is off by default. Replayed over {p['days']} days of a generated user "
+             f"({p['requests']} requests: a morning brief on weekdays around 07:00 ± 10 min, skipped one day in ten; a "
+             "coder model started at any time between 09:00 and 12:00; evening chats at random), each day predicted "
+             f"from the days before it only, a preload {p['lead_s']} s before the usual time, a loaded model kept "
+             f"{p['ttl_s']} s:", "",
+             "| model | days asked for | first request found the model ready | |", "|---|---|---|---|"]
+    for model, (asked, found) in p["per_model"].items():
+        lines.append(f"| {model} | {asked} | {found} | {100 * found / asked:.0f} % |" if asked else
+                     f"| {model} | 0 | - | |")
+    lines += ["", f"Preloads: {p['preloads']}, of which {p['unused_preloads']} were not followed by a request within "
+              f"{p['ttl_s']} s (extra loads). Models first used at any hour are not predicted (no extra loads for them)."]
+    return lines
+
+
 def targets(r: dict[str, Any]) -> list[Target]:
     out: list[Target] = []
     proxy, swap, mixed, foot = r.get("proxy"), r.get("swap"), r.get("mixed"), r.get("footprint")
@@ -1451,7 +1480,7 @@ def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
-SECTION_NUMBERS = {"proxy": (1, 4), "swap": (2,), "mixed": (3,), "promptcache": (5,)}  # their headings below
+SECTION_NUMBERS = {"proxy": (1, 4), "swap": (2,), "mixed": (3,), "promptcache": (5,), "predict": (6,)}
 
 
 def section_names(sections: list[str]) -> str:
@@ -1800,6 +1829,8 @@ def markdown(r: dict[str, Any], whys: dict[str, str]) -> str:
 
     if "promptcache" in r:
         lines += promptcache_markdown(r["promptcache"])
+    if "predict" in r:
+        lines += predict_markdown(r["predict"])
 
     lines += [
         "", "## Notes", "",
@@ -1816,7 +1847,8 @@ def markdown(r: dict[str, Any], whys: dict[str, str]) -> str:
 # ---------------------------------------------------------------- main
 
 
-RESULT_KEYS = {"proxy": ("proxy", "footprint"), "swap": ("swap",), "mixed": ("mixed",), "promptcache": ("promptcache",)}
+RESULT_KEYS = {"proxy": ("proxy", "footprint"), "swap": ("swap",), "mixed": ("mixed",), "promptcache": ("promptcache",),
+               "predict": ("predict",)}
 RUN_KEYS = ("command", "sections", "finished", "duration_s", "load_average_at_end")
 
 
@@ -1868,6 +1900,8 @@ async def run(b: Bench, sections: list[str]) -> dict[str, Any]:
                     result["swap"] = await swap_section(b)
                 elif section == "mixed":
                     result["mixed"] = await mixed_section(b)
+                elif section == "predict":
+                    result["predict"] = predict_section()
                 else:
                     result["promptcache"] = await promptcache_section(b)
             except (BenchError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
