@@ -96,7 +96,8 @@ class Runtime:
         self._loads: dict[str, LoadInFlight] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ids = itertools.count(1)
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at: float | None = None  # when the timer fires (uvloop's handles do not say)
         self._changed = asyncio.Event()
         self._reloading = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
@@ -362,12 +363,13 @@ class Runtime:
     def _arm_timer(self) -> None:
         wakeup = self.core.next_wakeup()
         if self._timer is not None:
-            if wakeup is not None and self._timer.when() == wakeup:
+            if wakeup is not None and self._timer_at == wakeup:
                 return
             self._timer.cancel()
             self._timer = None
         if wakeup is not None:
             self._timer = self._loop.call_at(wakeup, self._on_timer, wakeup)
+            self._timer_at = wakeup
 
     def _on_timer(self, wakeup: float) -> None:
         self._timer = None

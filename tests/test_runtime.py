@@ -162,3 +162,27 @@ async def test_an_observer_that_raises_breaks_nothing(rig):
     runtime.observers.insert(0, broken)
     runtime.release(await runtime.acquire("a"))
     assert runtime.core.models["a"].phase.value == "ready"
+
+
+def test_the_runtime_runs_on_uvloop_as_the_daemon_does():
+    """`model-supervisor run` uses uvloop where it is installed: its loop and handles differ from asyncio's (no
+    TimerHandle.when(), for one), so the timer-driven paths run on it here too."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        children = FakeChildren()
+        runtime = Runtime(LiveConfig(config(queue_timeout_s=0.05)), children, FixedProbe(total_mb=100_000))
+        await runtime.start()
+        try:
+            held = await runtime.acquire("a")
+            with pytest.raises(ApiError) as waited:  # b waits for a to drain: its queue timeout fires on the timer
+                await runtime.acquire("b")
+            assert waited.value.code == "queue_timeout"
+            runtime.release(held)
+            runtime.release(await runtime.acquire("b"))  # the swap goes on
+            assert children.stopped == [("a", "swap")]
+        finally:
+            await runtime.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
