@@ -19,6 +19,7 @@ from model_supervisor.http.documents import take_snapshot
 from model_supervisor.metrics import Metrics
 from model_supervisor.notices import ChildStopped, Notice
 from model_supervisor.runtime import Runtime
+from model_supervisor.scheduler import Tick
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -178,9 +179,20 @@ def test_the_runtime_runs_on_uvloop_as_the_daemon_does():
             with pytest.raises(ApiError) as waited:  # b waits for a to drain: its queue timeout fires on the timer
                 await runtime.acquire("b")
             assert waited.value.code == "queue_timeout"
-            runtime.release(held)
-            runtime.release(await runtime.acquire("b"))  # the swap goes on
+            waiting = asyncio.ensure_future(runtime.acquire("b", wait_s=5))
+            await runtime.wait_until(lambda: any(w.model == "b" and not w.detached
+                                                 for w in runtime.core.waiters.values()))
+            runtime.release(held)  # a change while b's deadline is armed: the timer is re-armed, not rebuilt
+            runtime.release(await waiting)  # the swap goes on
             assert children.stopped == [("a", "swap")]
+            # A deadline already due (uvloop then hands back a plain Handle, with no when()) re-armed by the next
+            # change before it runs: as when a request's X-Max-Wait-Ms is 0 or a retry falls due.
+            due = runtime.now() - 0.001
+            runtime.core.next_wakeup = lambda: due
+            runtime.dispatch(Tick(runtime.now()))
+            runtime.dispatch(Tick(runtime.now()))
+            del runtime.core.next_wakeup  # the core's own again
+            runtime.dispatch(Tick(runtime.now()))
         finally:
             await runtime.close()
 
