@@ -887,3 +887,16 @@ def test_no_home_load_during_shutdown():
     sim.loaded("small")
     sim.send(UnloadRequested(None, sim.now, force=True, cause="shutdown"))
     assert kinds(sim.stopped("small")) == []
+
+
+def test_what_fell_due_is_never_a_wakeup_again():
+    """An overdue batching waiter (or a retry held back) stays in the queue; its time must not keep the timer
+    firing: the daemon would spin and starve the models of CPU."""
+    sim = Sim(SWAP_PAIR, MAIN_SWAP, scheduler={"max_batch_wait_s": 1})
+    held, _ = sim.request("a")
+    sim.loaded("a")
+    sim.request("b")  # waits for a to drain; overdue for batching after 1 s
+    assert sim.core.next_wakeup() == pytest.approx(1.0)
+    sim.advance(1.0)
+    wakeup = sim.core.next_wakeup()
+    assert wakeup is None or wakeup > sim.now

@@ -67,6 +67,7 @@ class SchedulerCore:
         # ranked before that waiter may still be served.
         self.doomed: dict[str, Rank] = {}
         self.short_of_memory: set[str] = set()  # models whose placement waits for memory
+        self._now = float("-inf")  # the latest event's time: what is due by then has been acted on
         self._last_yield = float("-inf")  # when models were last unloaded for other programs' memory
         self._home_suspended: set[str] = set()  # homes an administrator unloaded: not reloaded until a request
         self._predicted: dict[str, float] = {}  # models expected soon (predicted preload) -> until when
@@ -77,6 +78,7 @@ class SchedulerCore:
     # ------------------------------------------------------------ the one entry point
 
     def handle(self, event: Event) -> list[Action]:
+        self._now = max(self._now, event.now)
         actions: list[Action] = []
         match event:
             case RequestArrived() if event.model not in self.models or self.models[event.model].retiring:
@@ -167,7 +169,10 @@ class SchedulerCore:
     # ------------------------------------------------------------ queries
 
     def next_wakeup(self) -> float | None:
-        """The earliest time at which a Tick could change something (a deadline, a TTL, a retry, a lease expiry)."""
+        """The earliest time after the last event at which a Tick could change something (a deadline, a TTL, a
+        retry, a lease expiry). What fell due by the last event has been acted on; one still pending (an overdue
+        waiter, a retry held back by its group) waits for another event, so it is never a wakeup again: a past
+        time would fire the timer at once, forever."""
         times = [w.deadline for w in self.waiters.values()]
         times += [w.fallback_at for w in self.waiters.values() if w.fallback_at is not None and not w.detached]
         times += [lease.expires_at for lease in self.leases.values()]
@@ -186,7 +191,7 @@ class SchedulerCore:
                 times.append(expiry)
             if state.phase is Phase.FAILED and (state.name in wanted or (not self.waiters and state.name in homes)):
                 times.append(state.retry_at)
-        return min(times, default=None)
+        return min((t for t in times if t > self._now), default=None)
 
     def committed_mb(self) -> tuple[int, int]:
         """(held by resident models, held by granted leases)."""
