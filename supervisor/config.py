@@ -87,7 +87,7 @@ class DaemonConfig(Section):
     @classmethod
     def _host_names(cls, value: list[str]) -> list[str]:
         for host in value:
-            if host != "*" and not re.match(r"^[A-Za-z0-9._-]+$", host) and not _is_address(host.strip("[]")):
+            if host != "*" and not re.match(r"^[A-Za-z0-9._-]+$", host) and not is_address(host.strip("[]")):
                 raise ValueError(f"{host!r} is not a host name or address (no scheme, port or path), nor \"*\"")
         return value
 
@@ -383,7 +383,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     return (match["v6"] or match["host"]), port
 
 
-def _is_address(host: str) -> bool:
+def is_address(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, is_address
 from ..ledger import Ledger
 from ..metrics import Metrics
 from ..runtime import Runtime
@@ -156,7 +155,7 @@ class Api:
         if host in LOOPBACK_NAMES or host == listen or host in {normal_host(h) for h in daemon.allowed_hosts}:
             return True
         # A wildcard bind answers on every address; an address (not a name) cannot be a rebound name.
-        return listen in ("0.0.0.0", "::") and _is_address(host)
+        return listen in ("0.0.0.0", "::") and is_address(host)
 
     def _cross_origin(self, request: web.Request) -> str | None:
         """Why a request comes from another site's page (a browser says so in Sec-Fetch-Site and Origin), else
@@ -463,14 +462,6 @@ def split_host(value: str) -> tuple[str, int | None] | None:
     if match is None:
         return None
     return normal_host(match["v6"] or match["name"]), int(match["port"]) if match["port"] else None
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def authorized(request: web.Request, keys: list[str]) -> bool:
