@@ -8,7 +8,10 @@ test runs (a fake upstream), so requests can be proxied to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+
+from aiohttp import web
 
 from model_supervisor.process import LogRing
 from model_supervisor.scheduler import StopCause, Upstream
@@ -84,3 +87,18 @@ class FakeChildren:
     async def close(self) -> None:
         for model in list(self.running):
             await self.stop(model, "shutdown")
+
+
+@contextlib.asynccontextmanager
+async def fake_upstream(handler):
+    """A named fake upstream: an aiohttp server on loopback whose handler stands in for (or misbehaves as) a
+    model's server, for faults a real one cannot show on cue."""
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

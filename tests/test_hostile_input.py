@@ -19,24 +19,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from fake_children import fake_upstream
+
 from model_supervisor import cli
 from model_supervisor.gaming import GamingStore
 
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
-
-@contextlib.asynccontextmanager
-async def fake_upstream(handler):
-    """An aiohttp server on loopback standing in for a model's llama-server."""
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 async def one_model(start_fake_daemon, tmp_path: Path, **daemon):

@@ -17,23 +17,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from fake_children import fake_upstream
 
 # ---------------------------------------------------------------- helpers
-
-
-@contextlib.asynccontextmanager
-async def fake_upstream(handler):
-    """A named fake upstream: an aiohttp server on loopback whose handler misbehaves as the test needs."""
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager
