@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmarks: model-supervisor against llama-server alone and against llama-server's own router mode.
 
-    .venv/bin/python scripts/bench.py            # the full run (~6 min on 2 cores): docs/benchmarks.md and .json
-    .venv/bin/python scripts/bench.py --quick    # a smoke test (~20 s); its numbers mean little
+    .venv/bin/python scripts/bench.py            # the full run (~7 min on 2 cores): docs/benchmarks.md and .json
+    .venv/bin/python scripts/bench.py --quick    # a smoke test (~30 s); its numbers mean little
     .venv/bin/python scripts/bench.py --out DIR  # write benchmarks.md / benchmarks.json to DIR instead of docs/
     .venv/bin/python scripts/bench.py --only swap,mixed   # some sections only (while working on one)
 
@@ -22,6 +22,10 @@ accounting. Sections:
   promptcache  prompt-cache persistence: time to first token of a long shared-prefix prompt when the model never
              left, right after a swap away and back with persistence on, and with it off; and what saving and
              restoring the slots adds to a swap (measured end to end, and as the daemon logs it)
+  predict    predicted preload, replayed over a generated month of one user's requests
+  failover   a real LiteLLM proxy (the routing callback, the documented X-Max-Wait-Ms / fallbacks config) in front
+             of the daemon, with a bare llama-server as its "cloud": request -> first byte from the fallback while
+             the daemon swaps to the requested model, against LiteLLM -> the same fallback server alone
 
 `--only` runs some sections and merges their figures into the existing benchmarks.json (when it was written in
 the same mode, full or quick), so the other sections' figures stay; the report says which section came from which run.
@@ -73,9 +77,11 @@ LLAMA_ARGS = ["-c", "4096", "-np", "16", "-t", "1"]
 TINY = "bench-tiny"  # ~0.5 MB: generation is so fast that any proxy cost shows in latency and throughput
 BIG = ("big-a", "big-b", "big-c")  # size_mb of the settings: loads take long enough to measure
 PREFIX = ("prefix-a", "prefix-b")  # promptcache: a gets the long prompt; b is the model swapped to and back from
-SEEDS = {TINY: 1, "big-a": 101, "big-b": 102, "big-c": 103, "prefix-a": 201, "prefix-b": 202}
-SECTIONS = ("proxy", "swap", "mixed", "promptcache", "predict")
-NEEDS = {"proxy": (TINY,), "swap": BIG[:2], "mixed": BIG, "promptcache": PREFIX, "predict": ()}  # models each loads
+FO_TARGET = "big-f"  # failover: the model swapped to, of fo_mb and read whole at load (load_whole_args)
+SEEDS = {TINY: 1, "big-a": 101, "big-b": 102, "big-c": 103, "prefix-a": 201, "prefix-b": 202, FO_TARGET: 104}
+SECTIONS = ("proxy", "swap", "mixed", "promptcache", "predict", "failover")
+NEEDS = {"proxy": (TINY,), "swap": BIG[:2], "mixed": BIG, "promptcache": PREFIX, "predict": (),
+         "failover": (TINY, BIG[0], FO_TARGET)}  # models each loads  # fmt: skip
 PROMPT = "hello"
 MIXED_SEED = 6  # the mixed workload's schedule: the same requests in the same order for every variant
 ROUTER_SPAWN = "spawning server instance with name="  # the router's log line for each child it starts
@@ -107,16 +113,19 @@ class Settings:
     pc_words: int  # the long prompt: "word0 word1 ...", about 3.9 tokens a word
     pc_reps: int
     pc_swaps: int  # swaps away and back per repetition (each also a sample of the swap's cost)
+    fo_reps: int  # failover: swaps, each with a request through LiteLLM while the daemon loads FO_TARGET
+    fo_mb: int  # FO_TARGET's size: read whole at load, so the load clearly outlasts fo_wait_ms
+    fo_wait_ms: int  # X-Max-Wait-Ms of the local deployments (docs/litellm.md's 500 in the full run)
 
 
 FULL = Settings(mode="full", reps=5, latency_requests=200, stream_tokens=128, single_streams=8, multi_rounds=3,
                 big_mb=400, swap_reps=5, drain_s=1.5, mixed_clients=3, mixed_per_client=20, mixed_gap_s=0.15, mixed_tokens=8,
                 mixed_reps=3, idle_s=60, pc_embd=256, pc_layers=4, pc_mb=64, pc_ctx=8192, pc_words=1000, pc_reps=5,
-                pc_swaps=2)  # fmt: skip
+                pc_swaps=2, fo_reps=6, fo_mb=1536, fo_wait_ms=500)  # fmt: skip
 QUICK = Settings(mode="quick", reps=1, latency_requests=30, stream_tokens=32, single_streams=2, multi_rounds=1,
                  big_mb=32, swap_reps=1, drain_s=0.4, mixed_clients=3, mixed_per_client=3, mixed_gap_s=0.1, mixed_tokens=4,
                  mixed_reps=1, idle_s=3, pc_embd=64, pc_layers=2, pc_mb=None, pc_ctx=1024, pc_words=60, pc_reps=1,
-                 pc_swaps=1)  # fmt: skip
+                 pc_swaps=1, fo_reps=1, fo_mb=128, fo_wait_ms=20)  # fmt: skip
 
 _started = time.monotonic()
 
@@ -139,10 +148,11 @@ class Processes:
     def __init__(self) -> None:
         self.running: list[subprocess.Popen] = []
 
-    def spawn(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def spawn(self, argv: list[str], log: Path, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> subprocess.Popen:  # fmt: skip
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env=env, cwd=REPO)  # fmt: skip
+                                    start_new_session=True, env=env, cwd=cwd or REPO)  # fmt: skip
         self.running.append(proc)
         return proc
 
@@ -282,7 +292,7 @@ def model_spec(name: str, s: Settings) -> tuple[str, dict[str, Any]]:
         shape = f"e{s.pc_embd}-l{s.pc_layers}-{s.pc_mb or 'tiny'}-c{s.pc_ctx}"
         return f"{name}-seed{seed}-{shape}.gguf", {"seed": seed, "size_mb": s.pc_mb, "n_embd": s.pc_embd, "n_head": 4,
                                                    "n_layers": s.pc_layers, "context_length": s.pc_ctx}  # fmt: skip
-    size = None if name == TINY else s.big_mb
+    size = None if name == TINY else s.fo_mb if name == FO_TARGET else s.big_mb
     return f"{name}-seed{seed}-{size or 'tiny'}.gguf", {"seed": seed, "size_mb": size}
 
 
@@ -571,17 +581,19 @@ def ahook(cls, name, before, after):
             events.append((after, clock()))
     setattr(cls, name, hooked)
 
-from aiohttp import client_proto, http_writer, web_protocol
+from aiohttp import http_writer, web_protocol
 from model_supervisor.http.proxy import Proxy
+from model_supervisor.http.upstream import Answer, UpstreamPool
 from model_supervisor.runtime import Runtime
-side = lambda w: "upstream_out" if isinstance(getattr(w, "_protocol", None), client_proto.ResponseHandler) else "client_out"
 hook(web_protocol.RequestHandler, "data_received", "head_in")
-hook(client_proto.ResponseHandler, "data_received", "upstream_in")
-hook(http_writer.StreamWriter, "_write", side)
-hook(http_writer.StreamWriter, "_writelines", side)
+hook(Answer, "data_received", "upstream_in")
+hook(http_writer.StreamWriter, "_write", "client_out")
+hook(http_writer.StreamWriter, "_writelines", "client_out")
 ahook(Proxy, "openai", "handler", "handler_done")
 ahook(Runtime, "acquire", "acquire", "granted")
-ahook(Proxy, "_open", "open", "opened")
+# The lean client's post() writes the request first thing (its "upstream_out"; a new connection is made first
+# only when the pool has none) and returns once the answer's head is parsed.
+ahook(UpstreamPool, "post", "upstream_out", "opened")
 
 def dump():
     with open(os.environ["BENCH_TIMELINE"], "w") as out:
@@ -597,9 +609,9 @@ STAGES = (
     ("head in → handler (aiohttp server: parse, request task, middleware, route)", "head_in", "handler"),
     ("handler → scheduler asked (body read, JSON, headers)", "handler", "acquire"),
     ("scheduler asked → granted", "acquire", "granted"),
-    ("granted → upstream request out (aiohttp client)", "granted", "upstream_out"),
+    ("granted → upstream request out (headers, the lean client's call)", "granted", "upstream_out"),
     ("upstream request out → its answer's head in (llama-server, not the relay)", "upstream_out", "upstream_in"),
-    ("answer's head in → response object (aiohttp client)", "upstream_in", "opened"),
+    ("answer's head in → parsed, handed to the relay (llhttp)", "upstream_in", "opened"),
     ("response object → last byte to the client (the relay)", "opened", "last:client_out"),
     ("last byte out → handler done (request record, release; after the answer)", "last:client_out", "handler_done"),
 )
@@ -1331,6 +1343,320 @@ async def promptcache_section(b: Bench) -> dict[str, Any]:
     }  # fmt: skip
 
 
+# ---------------------------------------------------------------- 7. failover with LiteLLM
+
+
+LITELLM = Path(sys.executable).parent / "litellm"  # the test extra's litellm[proxy], next to this Python
+MASTER_KEY = "sk-model-supervisor-bench"
+PROBE_INFO = {"health_check_params": {"extra_headers": {"X-Health-Check": "true"}, "max_retries": 0}}
+
+
+def litellm_env() -> dict[str, str]:
+    """LiteLLM without the internet: its bundled price map and lists, no telemetry, no proxy for loopback."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update({
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True",
+        "LITELLM_LOCAL_BLOG_POSTS": "True", "LITELLM_LOCAL_POLICY_TEMPLATES": "True",
+        "LITELLM_LOCAL_AUTOROUTER_PRESETS": "True", "LITELLM_TELEMETRY_DISABLED": "true", "DISABLE_ADMIN_UI": "True",
+        "NO_DOCS": "True", "LITELLM_DONT_SHOW_FEEDBACK_BOX": "True", "NO_PROXY": "127.0.0.1,localhost",
+        "PYTHONUNBUFFERED": "1",
+    })  # fmt: skip
+    return env
+
+
+def litellm_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("litellm")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def load_whole_args(binary: str) -> list[str]:
+    """llama-server's flag to read the whole model at load instead of mapping it (a mapped CPU load touches
+    almost nothing, so it takes about as long for any size; a GPU load reads the whole file)."""
+    help_text = subprocess.run([binary, "--help"], capture_output=True, text=True).stdout
+    if "--load-mode" in help_text:
+        return ["--load-mode", "none"]
+    return ["--no-mmap"] if "--no-mmap" in help_text else []
+
+
+def failover_config(daemon: str, cloud: str, groups: list[str], wait_ms: int) -> dict[str, Any]:
+    """docs/litellm.md's one-host config: one deployment per local group (the daemon's FO_TARGET, with
+    X-Max-Wait-Ms), LiteLLM's fallback to "cloud" (a bare llama-server of the tiny model), the routing callback.
+    "prime" has no wait bound and no fallback: it loads FO_TARGET once through LiteLLM, untimed."""
+
+    def local(group: str, wait: int | None) -> dict[str, Any]:
+        params: dict[str, Any] = {"model": f"openai/{FO_TARGET}", "api_base": f"{daemon}/v1", "api_key": "none"}
+        if wait is not None:
+            params["headers"] = {"X-Max-Wait-Ms": str(wait)}
+        return {"model_name": group, "litellm_params": params, "model_info": PROBE_INFO}
+
+    models = [local("prime", None)] + [local(group, wait_ms) for group in groups]
+    models.append({"model_name": "cloud", "litellm_params": {"model": f"openai/{TINY}", "api_base": f"{cloud}/v1",
+                                                             "api_key": "none"}})  # fmt: skip
+    return {
+        "model_list": models,
+        "litellm_settings": {"callbacks": "model_supervisor.litellm.handler", "request_timeout": 120},
+        "router_settings": {"num_retries": 0, "allowed_fails": 0, "cooldown_time": 5,
+                            "fallbacks": [{group: ["cloud"]} for group in groups]},
+        "general_settings": {"master_key": MASTER_KEY},
+    }  # fmt: skip
+
+
+async def start_litellm(b: Bench, config: dict[str, Any]) -> tuple[Server, float]:
+    """A LiteLLM proxy process on a free port (the config as JSON, which is YAML too); seconds until it answered."""
+    path = b.work / "failover-litellm.yaml"
+    path.write_text(json.dumps(config, indent=1))
+    port, log = free_port(), b.log_path("failover-litellm")
+    started = time.perf_counter()
+    proc = b.procs.spawn([str(LITELLM), "--config", str(path), "--host", HOST, "--port", str(port)], log,
+                         litellm_env(), cwd=b.work)  # fmt: skip
+    url = f"http://{HOST}:{port}"
+    await wait_ready(b.http, url + "/health/liveliness", proc, log, timeout=180, interval=0.1)
+    return Server("litellm", url, proc, log), time.perf_counter() - started
+
+
+def chat_body(model: str, max_tokens: int = 4) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "stream": True}  # fmt: skip
+
+
+async def first_byte(http: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                     headers: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """POST a streaming chat request: request sent -> its first SSE event (ms), read to the end; the status,
+    LiteLLM's x-litellm-* answer headers (which deployment answered, fallbacks tried) and the body's start.
+    `end` (perf_counter) is when the answer was complete."""
+    first, tail, head, status, said = None, b"", b"", 0, {}
+    started = time.perf_counter()
+    try:
+        data, sent = json.dumps(body).encode(), {**JSON_HEADERS, **(headers or {})}
+        async with http.post(url, data=data, headers=sent) as response:
+            status = response.status
+            said = {k.lower(): v for k, v in response.headers.items()
+                    if k.lower().startswith("x-litellm-") or k.lower() in ("x-served-by", "retry-after")}  # fmt: skip
+            async for chunk in response.content.iter_any():
+                if first is None and b"data: " in tail + chunk:
+                    first = time.perf_counter()
+                tail = (tail + chunk)[-5:]
+                if len(head) < 600:
+                    head += chunk[:600]
+    except (aiohttp.ClientError, OSError) as exc:
+        head = head or repr(exc).encode()
+    return {"status": status, "ms": None if first is None else (first - started) * 1000,
+            "total_ms": (time.perf_counter() - started) * 1000, "end": time.perf_counter(), "headers": said,
+            "head": head[:300].decode(errors="replace")}  # fmt: skip
+
+
+def answered_by(result: dict[str, Any], daemon: str, cloud: str) -> str:
+    """"fallback" (the cloud server answered), "local" (the daemon did) or "failed", from LiteLLM's headers."""
+    if result["status"] != 200 or result["ms"] is None or result["head"].lstrip().startswith('data: {"error"'):
+        return "failed"
+    base = result["headers"].get("x-litellm-model-api-base", "")
+    if base.startswith(cloud):
+        return "fallback"
+    if base.startswith(daemon):
+        return "local"
+    tried = result["headers"].get("x-litellm-attempted-fallbacks")
+    return "fallback" if tried not in (None, "", "0") else "local"
+
+
+async def daemon_state(http: aiohttp.ClientSession, url: str, model: str) -> dict[str, Any]:
+    async with http.get(url + "/status") as response:
+        return (await response.json())["models"][model]
+
+
+async def wait_loading(b: Bench, url: str, swap: asyncio.Task, timeout: float = 60) -> float | None:
+    """Poll the daemon's /status every 2 ms until FO_TARGET is loading; perf_counter then (None: the swap was over
+    before it was seen loading)."""
+    deadline = time.perf_counter() + timeout
+    while not swap.done():
+        if (await daemon_state(b.http, url, FO_TARGET))["state"] == "loading":
+            return time.perf_counter()
+        if time.perf_counter() > deadline:
+            raise BenchError(f"{url}: {FO_TARGET} not loading {timeout:g} s after it was asked for")
+        await asyncio.sleep(0.002)
+    return None
+
+
+async def failover_section(b: Bench) -> dict[str, Any]:
+    s = b.s
+    version = litellm_version()
+    if not LITELLM.exists() or version is None:
+        say(f"failover: skipped, LiteLLM is not installed ({LITELLM})")
+        return {"skipped": f"LiteLLM is not installed here (no {LITELLM}; it comes with the test extra, "
+                           "`litellm[proxy]`)"}  # fmt: skip
+    loaded, target = BIG[0], FO_TARGET
+    path = b.models[target]
+    whole = load_whole_args(b.binary)
+    groups = [f"local-{i}" for i in range(s.fo_reps)]  # one per repetition: LiteLLM's cooldown of one is not the next's
+    say(f"failover: the daemon ({loaded}, {target} of {s.fo_mb} MiB read whole at load), a bare llama-server as the "
+        f"cloud, a LiteLLM {version} proxy; {s.fo_reps} swap(s) with X-Max-Wait-Ms {s.fo_wait_ms}")  # fmt: skip
+    servers: dict[str, Server] = {}
+    runs: list[dict[str, Any]] = []
+    setup_failures: list[str] = []
+    started = time.perf_counter()
+    auth = {"Authorization": f"Bearer {MASTER_KEY}"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True), headers=auth,
+                                     timeout=aiohttp.ClientTimeout(total=300)) as lite_http:  # fmt: skip
+        try:
+            servers["cloud"] = await b.start_direct("failover-cloud", TINY)
+            servers["daemon"] = await b.start_daemon("failover-daemon",
+                                                     {loaded: {}, target: {"args": [*LLAMA_ARGS, *whole]}})
+            daemon, cloud = servers["daemon"].url, servers["cloud"].url
+            servers["litellm"], startup_s = await start_litellm(b, failover_config(daemon, cloud, groups, s.fo_wait_ms))
+            lite = servers["litellm"].url + "/v1/chat/completions"
+            say(f"failover: LiteLLM answered after {startup_s:.1f} s; warming up, loading {target} once (untimed)")
+
+            async def setup(group: str, want: str) -> dict[str, Any]:
+                for _ in range(3):  # only sets the scene: a failure is sent again, and reported
+                    result = await first_byte(lite_http, lite, chat_body(group, 1))
+                    if answered_by(result, daemon, cloud) == want:
+                        return result
+                    setup_failures.append(f"{group}: {result['status']} {result['headers']} {result['head'][:200]}")
+                raise BenchError(f"LiteLLM {group}: not answered by the {want} 3 times: {setup_failures[-1]}")
+
+            for _ in range(2):  # LiteLLM imports its OpenAI client at the first request
+                await setup("cloud", "fallback")
+                await stream(b.stream_http, cloud + "/v1/chat/completions", json.dumps(chat_body(TINY, 1)).encode())
+            await setup_stream(b, daemon, loaded, 1, setup_failures)
+            await asyncio.to_thread(drop_cache, path)
+            await setup("prime", "local")  # the callback starts following the daemon; the daemon learns the load time
+            for group in groups:  # each local deployment answered once (FO_TARGET is loaded now)
+                await setup(group, "local")
+            prime = await daemon_state(b.http, daemon, target)
+
+            for rep, group in enumerate(groups):
+                await setup_stream(b, daemon, loaded, 1, setup_failures)  # FO_TARGET out, `loaded` in and idle
+                await asyncio.to_thread(drop_cache, path)
+                resident = await asyncio.to_thread(resident_fraction, path)
+                asked = time.perf_counter()
+                swap = asyncio.create_task(stream(b.stream_http, daemon + "/v1/completions",
+                                                  completion_body(target, 1, stream=True)))  # fmt: skip
+                loading = await wait_loading(b, daemon, swap)
+                run: dict[str, Any] = {"resident_before": resident,
+                                       "loading_seen_ms": None if loading is None else (loading - asked) * 1000}
+                # In turn, while the daemon loads: local-i through LiteLLM (the failover), the same request to
+                # "cloud" through LiteLLM (its own overhead to the same server), the daemon asked directly with
+                # the same X-Max-Wait-Ms (its 503 alone), local-i again (cooled down: LiteLLM skips the daemon),
+                # and the cloud server directly.
+                timed = {
+                    "failover": await first_byte(lite_http, lite, chat_body(group)),
+                    "litellm_cloud": await first_byte(lite_http, lite, chat_body("cloud")),
+                    "daemon_503": await first_byte(b.stream_http, daemon + "/v1/chat/completions", chat_body(target),
+                                                   {"X-Max-Wait-Ms": str(s.fo_wait_ms)}),
+                    "cooled_down": await first_byte(lite_http, lite, chat_body(group)),
+                    "cloud_direct": await first_byte(b.stream_http, cloud + "/v1/chat/completions", chat_body(TINY)),
+                }  # fmt: skip
+                swapped = await swap
+                if swapped.status != 200 or swapped.first is None:
+                    raise BenchError(f"{daemon}: the swap to {target}: {failure(swapped)}")
+                run["swap_ms"] = (swapped.first - asked) * 1000
+                for key, result in timed.items():
+                    if key == "daemon_503":
+                        run[key] = {"status": result["status"], "ms": (result["total_ms"] if result["status"] == 503
+                                                                       else result["ms"]),
+                                    "retry_after": result["headers"].get("retry-after"),
+                                    "during_swap": result["end"] < swapped.first}  # fmt: skip
+                        continue
+                    run[key] = {"ms": result["ms"], "status": result["status"],
+                                "by": "fallback" if key == "cloud_direct" else answered_by(result, daemon, cloud),
+                                "during_swap": result["end"] < swapped.first}  # fmt: skip
+                    if key != "cloud_direct":  # what LiteLLM says answered, and how many fallbacks it tried
+                        run[key]["api_base"] = result["headers"].get("x-litellm-model-api-base")
+                        run[key]["fallbacks_tried"] = result["headers"].get("x-litellm-attempted-fallbacks")
+                    if run[key]["by"] != "fallback":
+                        run[key]["answer"] = {"headers": result["headers"], "head": result["head"]}
+                runs.append(run)
+                say(f"failover: rep {rep + 1}: failover {fmt(run['failover']['ms'], '.1f')} ms "
+                    f"({run['failover']['by']}), LiteLLM -> cloud {fmt(run['litellm_cloud']['ms'], '.1f')} ms, "
+                    f"daemon's own {run['daemon_503']['status']} in {fmt(run['daemon_503']['ms'], '.1f')} ms, "
+                    f"cooled down {fmt(run['cooled_down']['ms'], '.1f')} ms ({run['cooled_down']['by']}), "
+                    f"swap {run['swap_ms']:.0f} ms")  # fmt: skip
+            final = await daemon_state(b.http, daemon, target)
+        finally:
+            for server in reversed(list(servers.values())):
+                b.stop(server)
+    seconds = time.perf_counter() - started
+
+    def p50(key: str) -> float | None:  # of the answers by the fallback (the daemon's direct ones: its 503s)
+        return rnd(median([r[key]["ms"] for r in runs if r[key].get("by", r[key]["status"]) in ("fallback", 503)]), 1)
+
+    ms = {"failover": p50("failover"), "litellm_cloud": p50("litellm_cloud"), "cooled_down": p50("cooled_down"),
+          "cloud_direct": p50("cloud_direct"), "daemon_503": p50("daemon_503"),
+          "swap": rnd(median([r["swap_ms"] for r in runs]), 1)}  # fmt: skip
+    counts = {by: sum(1 for r in runs if r["failover"]["by"] == by) for by in ("fallback", "local", "failed")}
+    return {
+        "litellm_version": version, "litellm_startup_s": rnd(startup_s, 1), "reps": s.fo_reps,
+        "wait_ms": s.fo_wait_ms, "loaded": loaded, "target": target,
+        "target_mb": rnd(path.stat().st_size / MIB, 1), "load_args": whole,
+        "prime_load_ms": prime.get("last_load_ms"), "last_load_ms": final.get("last_load_ms"),
+        "first_byte_ms": ms,
+        "failover_over_litellm_ms": None if None in (ms["failover"], ms["litellm_cloud"])
+        else rnd(ms["failover"] - ms["litellm_cloud"], 1),
+        "litellm_overhead_ms": None if None in (ms["litellm_cloud"], ms["cloud_direct"])
+        else rnd(ms["litellm_cloud"] - ms["cloud_direct"], 1),
+        "answered": counts,
+        "cooled_down_by_fallback": sum(1 for r in runs if r["cooled_down"]["by"] == "fallback"),
+        "daemon_503s": sum(1 for r in runs if r["daemon_503"]["status"] == 503),
+        "all_during_swap": all(r[k]["during_swap"] for r in runs for k in ("failover", "litellm_cloud")),
+        "seconds": rnd(seconds, 1),
+        "setup_failures": setup_failures[:5],
+        "runs": [{k: ({kk: rnd(vv, 1) if isinstance(vv, float) else vv for kk, vv in v.items()}
+                      if isinstance(v, dict) else rnd(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                 for r in runs],
+    }  # fmt: skip
+
+
+def failover_markdown(fo: dict[str, Any], whys: dict[str, str]) -> list[str]:
+    lines = ["", "## 7. Failover with LiteLLM", ""]
+    if "skipped" in fo:
+        return lines + [f"Not measured: {fo['skipped']}."]
+    ms, n, counts = fo["first_byte_ms"], fo["reps"], fo["answered"]
+    lines += [
+        f"A real LiteLLM {fo['litellm_version']} proxy (its own process; it answered {fo['litellm_startup_s']:g} s "
+        "after its start) in front of the daemon, configured as [docs/litellm.md](litellm.md) recommends for one "
+        f"host: the routing callback, `X-Max-Wait-Ms: {fo['wait_ms']}` on the local deployment, `num_retries: 0`, "
+        "`allowed_fails: 0`, and `fallbacks` to a \"cloud\" group, which is a bare llama-server of the tiny model "
+        f"on loopback. The daemon has `{fo['loaded']}` and `{fo['target']}` ({fo['target_mb']:g} MiB, started with "
+        f"`{' '.join(fo['load_args'])}` so that its load reads the whole file, as a load onto a GPU does, and takes "
+        "clearly longer than the wait) in the default group (one at a time). "
+        f"`{fo['target']}` was loaded once before the repetitions, untimed (its load took "
+        f"{fmt(fo['prime_load_ms'], '.0f', ' ms')}), so every timed swap is the steady state: the daemon knows how "
+        "long the last load took and answers 503 at once when a request's wait will clearly end first, instead of "
+        f"after the wait. {n} repetition{'s' if n > 1 else ''}, each: `{fo['loaded']}` loaded and idle, "
+        f"`{fo['target']}`'s pages dropped from the page cache, a request for it straight to the daemon (the swap), "
+        f"and once `/status` shows `{fo['target']}` loading, in turn: a streaming chat request through LiteLLM to "
+        "the local group (a group of its own each repetition, so LiteLLM's cooldown from one does not steer the "
+        "next) → its first SSE event, the same request to the \"cloud\" group through LiteLLM, the daemon asked "
+        "directly with the same `X-Max-Wait-Ms` (its 503 alone), the local group again (now cooled down: LiteLLM "
+        "skips the daemon), and the cloud server directly. Medians over the repetitions answered by the fallback; "
+        f"the swap itself (request → first token of `{fo['target']}`) took {fmt(ms['swap'], '.0f', ' ms')}. The "
+        f"section took {fo['seconds']:.0f} s.", "",
+        "| request → first byte | p50 ms |", "|---|---|",
+        f"| **failover**: the local group through LiteLLM during the swap, answered by the fallback "
+        f"| **{fmt(ms['failover'], '.1f')}** |",
+        f"| the \"cloud\" group through LiteLLM (LiteLLM's own overhead to the same server) | "
+        f"{fmt(ms['litellm_cloud'], '.1f')} |",
+        f"| failover − LiteLLM → cloud: what the failover costs over LiteLLM's own overhead | "
+        f"**{fmt(fo['failover_over_litellm_ms'], '+.1f')}** |",
+        f"| the daemon asked directly, `X-Max-Wait-Ms: {fo['wait_ms']}`: request → its 503 | "
+        f"{fmt(ms['daemon_503'], '.1f')} |",
+        f"| the local group again, cooled down (LiteLLM does not ask the daemon) | {fmt(ms['cooled_down'], '.1f')} |",
+        f"| the cloud server directly (no LiteLLM) | {fmt(ms['cloud_direct'], '.1f')} |",
+        "", f"Answered by the fallback: {counts['fallback']} of {n} failover requests "
+        f"({counts['local']} by the daemon itself, {counts['failed']} failed; those are left out of the medians), "
+        f"{fo['cooled_down_by_fallback']} of {n} cooled-down ones; the daemon answered 503 to {fo['daemon_503s']} of "
+        f"{n} direct requests. LiteLLM's own overhead (through LiteLLM − direct): "
+        f"{fmt(fo['litellm_overhead_ms'], '+.1f', ' ms')}. The failover and LiteLLM → cloud requests all ended "
+        f"before the swap did: {'yes' if fo['all_during_swap'] else '**no**'}.",
+        "", "<!-- note:failover -->", whys.get("note:failover", NOTE_PLACEHOLDER), "<!-- /note -->",
+    ]  # fmt: skip
+    return lines
+
+
+
 # ---------------------------------------------------------------- machine, targets, report
 
 
@@ -1463,6 +1789,16 @@ def targets(r: dict[str, Any]) -> list[Target]:
                           f"{logged:.1f} ms of {swap['round_trip_ms']:.1f} ms ({100 * share:.1f} %; on − off end to "
                           f"end: {pc['added_ms']['round_trip_ms']:+.1f} ms, {100 * pc['added_share']:+.1f} %)",
                           share < 0.10, f"{100 * (share - 0.10):+.1f} points"))
+    fo = r.get("failover")
+    if fo and "skipped" not in fo:
+        over, ms = fo["failover_over_litellm_ms"], fo["first_byte_ms"]
+        measured = (f"{fmt(ms['failover'], '.1f')} ms vs {fmt(ms['litellm_cloud'], '.1f')} ms LiteLLM → the fallback "
+                    f"alone ({fmt(over, '+.1f')} ms; {fo['answered']['fallback']} of {fo['reps']} answered by the "
+                    "fallback)")  # fmt: skip
+        out.append(Target("failover", "Failover with LiteLLM during a swap: request → first byte from the fallback",
+                          "≤ 100 ms + LiteLLM's own overhead", measured, over is not None and over <= 100,
+                          "no request was answered by the fallback" if over is None
+                          else f"{over - 100:+.1f} ms vs the 100 ms allowance"))  # fmt: skip
     return out
 
 
@@ -1480,7 +1816,8 @@ def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
-SECTION_NUMBERS = {"proxy": (1, 4), "swap": (2,), "mixed": (3,), "promptcache": (5,), "predict": (6,)}
+SECTION_NUMBERS = {"proxy": (1, 4), "swap": (2,), "mixed": (3,), "promptcache": (5,), "predict": (6,),
+                   "failover": (7,)}
 
 
 def section_names(sections: list[str]) -> str:
@@ -1831,6 +2168,8 @@ def markdown(r: dict[str, Any], whys: dict[str, str]) -> str:
         lines += promptcache_markdown(r["promptcache"])
     if "predict" in r:
         lines += predict_markdown(r["predict"])
+    if "failover" in r:
+        lines += failover_markdown(r["failover"], whys)
 
     lines += [
         "", "## Notes", "",
@@ -1848,7 +2187,7 @@ def markdown(r: dict[str, Any], whys: dict[str, str]) -> str:
 
 
 RESULT_KEYS = {"proxy": ("proxy", "footprint"), "swap": ("swap",), "mixed": ("mixed",), "promptcache": ("promptcache",),
-               "predict": ("predict",)}
+               "predict": ("predict",), "failover": ("failover",)}
 RUN_KEYS = ("command", "sections", "finished", "duration_s", "load_average_at_end")
 
 
@@ -1902,6 +2241,8 @@ async def run(b: Bench, sections: list[str]) -> dict[str, Any]:
                     result["mixed"] = await mixed_section(b)
                 elif section == "predict":
                     result["predict"] = predict_section()
+                elif section == "failover":
+                    result["failover"] = await failover_section(b)
                 else:
                     result["promptcache"] = await promptcache_section(b)
             except (BenchError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
@@ -1916,7 +2257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short smoke-test run (its numbers mean little)")
     parser.add_argument("--out", default=str(REPO / "docs"), help="folder for benchmarks.md and benchmarks.json")
     parser.add_argument("--only", default=",".join(SECTIONS),
-                        help="comma-separated sections to run: proxy (with footprint), swap, mixed, promptcache; "
+                        help="comma-separated sections to run: proxy (with footprint), swap, mixed, promptcache, "
+                             "predict, failover; "
                              "their figures are merged into the existing benchmarks.json")  # fmt: skip
     args = parser.parse_args(argv)
     sections = [x for x in SECTIONS if x in {y.strip() for y in args.only.split(",")}]  # in the usual order

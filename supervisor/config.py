@@ -111,6 +111,9 @@ class SchedulerConfig(Section):
     batching: bool = True
     max_batch_wait_s: NonNegativeSeconds = 30
     min_residency_s: NonNegativeSeconds = 0
+    # Start the incoming model of a swap while the outgoing one saves its slots and stops, when the memory budget
+    # is known and holds both: the stop (~50 ms, more with a large prompt cache) is off the swap's path.
+    overlap_swaps: bool = True
 
 
 class GpuConfig(Section):

@@ -110,6 +110,7 @@ class Daemon:
         stack.push_async_callback(runtime.close)  # for a failed start; a normal stop closes it in _stop_serving
         live = self.live
         self.proxy = Proxy(runtime, http, CloudClient(lambda: live.current, http))
+        stack.callback(self.proxy.pool.close)
         self.metrics = Metrics(lambda: take_snapshot(runtime))
         runtime.observers.append(self.metrics.on_notice)
         self.proxy.observers.append(self.metrics.on_request)

@@ -94,6 +94,7 @@ class Runtime:
         self.closing = False
         self._answers: dict[int, asyncio.Future[Any]] = {}
         self._loads: dict[str, LoadInFlight] = {}
+        self._stops_in_flight = 0  # a swap's load may overlap its outgoing model's stop
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ids = itertools.count(1)
         self._timer: asyncio.Handle | None = None
@@ -384,7 +385,8 @@ class Runtime:
         self.notify(LoadStarting(name, action.cause))
         memory = self.core.memory
         used_before = memory.used_mb if memory is not None else None
-        alone = len(self._loads) <= 1
+        # The device's growth is this model's only if nothing else loaded or stopped meanwhile.
+        alone = len(self._loads) <= 1 and not self._stops_in_flight
         try:
             upstream = await self.children.start(name)
         except asyncio.CancelledError:  # asked to stop while loading
@@ -413,7 +415,7 @@ class Runtime:
         self.notify(LoadReady(name, upstream.pid, upstream.port, load_s, action.displaced, swap_s))
         self.dispatch(LoadSucceeded(name, action.instance, upstream, load_s, self.now()))
         try:
-            self.memory.learn(name, upstream.pid, used_before, alone and not self._loads)
+            self.memory.learn(name, upstream.pid, used_before, alone and not self._loads and not self._stops_in_flight)
         except Exception:  # learning is a refinement; it must never stop the exit watch below
             log.exception("memory_learning_failed", model=name)
         await self._watch_exit(name, action.instance)
@@ -448,10 +450,13 @@ class Runtime:
     async def _stop(self, name: str, instance: int, cause: StopCause, detail: str = "") -> None:
         started = self.now()
         pid = None
+        self._stops_in_flight += 1
         try:
             pid = await self.children.stop(name, cause)
         except Exception:  # reported all the same: the core must not wait forever on a stop
             log.exception("stop_failed", model=name, cause=cause)
+        finally:
+            self._stops_in_flight -= 1
         log.info("model_unloaded", model=name, cause=cause, stop_ms=self._ms(started), **({"why": detail} if detail else {}))
         self.notify(ChildStopped(name, cause, pid, self.now() - started))
         self.dispatch(StopCompleted(name, instance, self.now()))

@@ -16,7 +16,9 @@ def llama_server_bin() -> str:
                           stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         pytest.fail(f"scripts/build-llama-server.sh failed:\n{proc.stderr[-4000:]}")
-    return proc.stdout.strip().splitlines()[-1]
+    binary = proc.stdout.strip().splitlines()[-1]
+    os.environ["LLAMA_SERVER"] = binary  # what a daemon in this process finds again when it re-reads its config
+    return binary
 
 
 # ---------------------------------------------------------------- the daemon, in process, with real children
@@ -110,11 +112,12 @@ class RunningDaemon:
 
 def make_config(models: dict[str, dict], groups: dict | None = None, gpu: dict | None = None,
                 cloud: dict | None = None, gaming: dict | None = None, prompt_cache: dict | None = None,
-                **daemon: Any) -> Config:
+                scheduler: dict | None = None, **daemon: Any) -> Config:
     settings = {"listen": "127.0.0.1:8080", "port_range": [19100, 19899], "queue_timeout_s": 30,
                 "health_timeout_s": 30, "stop_timeout_s": 5, "drain_timeout_s": 10, **daemon}
     return parse_config({"daemon": settings, "groups": groups or {}, "models": models, "gpu": gpu or {},
-                         "cloud": cloud or {}, "gaming": gaming or {}, "prompt_cache": prompt_cache or {}})
+                         "cloud": cloud or {}, "gaming": gaming or {}, "prompt_cache": prompt_cache or {},
+                         "scheduler": scheduler or {}})
 
 
 class DaemonStarter:
@@ -127,12 +130,12 @@ class DaemonStarter:
     async def __call__(self, models: dict[str, dict], groups: dict | None = None, probe=None, gpu: dict | None = None,
                        cloud: dict | None = None, gaming: dict | None = None, binary: str | None = None,
                        config_path: str | None = None, children=None, prompt_cache: dict | None = None,
-                       **daemon: Any) -> RunningDaemon:
+                       scheduler: dict | None = None, **daemon: Any) -> RunningDaemon:
         daemon.setdefault("state_dir", str(self.tmp_path / "state"))
         if config_path is not None:  # a real file, as `run --config` reads it (and SIGHUP re-reads it)
             config = load_config(config_path)
         else:
-            config = make_config(models, groups, gpu, cloud, gaming, prompt_cache, **daemon)
+            config = make_config(models, groups, gpu, cloud, gaming, prompt_cache, scheduler, **daemon)
         if self.fake and children is None:
             children = FakeChildren()
         if self.fake and probe is None:

@@ -1,5 +1,6 @@
 """scripts/bench.py --quick: the benchmark runs end to end against the real llama-server and reports every section."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,11 @@ SECTIONS = {
     "mixed": ["batching", "fifo"],
     "footprint": ["idle", "load", "rss_mb_max"],
 }
+# The failover section runs a real LiteLLM proxy: the test extra (litellm[proxy]) brings it; without it the section
+# says it was skipped.
+LITELLM = importlib.util.find_spec("litellm") is not None and (Path(sys.executable).parent / "litellm").exists()
+if LITELLM:
+    SECTIONS["failover"] = ["first_byte_ms", "answered"]
 
 
 def numbers(value) -> list[float]:
@@ -51,10 +57,15 @@ def test_quick_bench_writes_every_section(llama_server_bin, tmp_path):
         assert figures["p50"] > 0 and figures["p99"] >= figures["p50"], way
     assert report["footprint"]["rss_mb_max"] > 0
     assert report["targets"] and all(t["met"] in (True, False) for t in report["targets"])
+    failover = report["failover"]
+    assert ("skipped" in failover) == (not LITELLM)
+    if LITELLM:  # every request through LiteLLM was answered (by the fallback, or locally if a swap was that quick)
+        assert failover["answered"]["failed"] == 0 and failover["first_byte_ms"]["litellm_cloud"] > 0
+        assert "failover" in {t["id"] for t in report["targets"]}
 
     markdown = (tmp_path / "benchmarks.md").read_text()
     for heading in ("## Machine", "## Targets", "## 1. Proxy overhead", "## 2. Swap latency", "## 3. Mixed workload",
-                    "## 4. Footprint"):  # fmt: skip
+                    "## 4. Footprint", "## 7. Failover with LiteLLM"):  # fmt: skip
         assert heading in markdown
     for target in report["targets"]:
         if not target["met"]:  # a missed target gets a marked place for the why

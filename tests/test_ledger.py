@@ -248,6 +248,23 @@ def test_record_does_not_wait_for_a_blocked_writer(tmp_path, make_ledger):
     blocker.close()
 
 
+async def test_requests_recorded_on_the_loop_share_one_transaction_and_a_read_sees_them_all(tmp_path, make_ledger):
+    ledger = make_ledger()
+    transactions = []
+    insert = ledger._insert
+    ledger._insert = lambda connection, batch: (transactions.append(len(batch)), insert(connection, batch))
+    for _ in range(50):
+        ledger.record(rec())
+    assert transactions == []  # kept on the loop for the next ones to join
+    assert ledger.usage(1)["requests"] == 50  # a read flushes first
+    assert transactions == [50]
+    ledger.record(rec())
+    ledger.record(rec())
+    await asyncio.sleep(0.5)  # HAND_OVER_S: handed over without a read
+    await asyncio.to_thread(ledger.flush, 30)
+    assert transactions == [50, 2]
+
+
 # ---------------------------------------------------------------- models stale
 
 

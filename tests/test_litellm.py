@@ -359,6 +359,7 @@ async def test_without_the_callback_models_swap_back_and_forth(world):
 
 
 async def test_single_host_a_swap_fails_over_after_x_max_wait_ms(world):
+    await place(world, h1="beta")  # beta's last load was quick: the daemon expects this swap to be quick too
     await place(world, h1="alpha")
     world.hosts["h1"].children.load_s["beta"] = 3.0  # the swap to beta takes 3 s
     status, content, elapsed = await ask(world, "single")
@@ -382,7 +383,19 @@ async def test_single_host_a_swap_fails_over_after_x_max_wait_ms(world):
     assert loads(world)["h1"] == ["beta"]  # the swap went on
 
 
+async def test_single_host_a_swap_known_to_outlast_the_wait_fails_over_at_once(world):
+    world.hosts["h1"].children.load_s["beta"] = 1.2
+    await place(world, h1="beta")  # beta's loads take 1.2 s: more than 1.5 x the 0.5 s X-Max-Wait-Ms
+    await place(world, h1="alpha")
+    status, content, elapsed = await ask(world, "single")
+    measured("single host swapping, a load known to take 1.2 s, X-Max-Wait-Ms 500 -> LiteLLM fallback", elapsed)
+    assert (status, content) == (200, "cloud:frontier") and elapsed < 0.4  # not after the 0.5 s wait
+    await world.hosts["h1"].d.wait_until(lambda: world.hosts["h1"].d.state("beta") == "ready")
+    assert loads(world)["h1"] == ["beta"]  # the load it started went on
+
+
 async def test_single_host_without_a_wait_bound_fails_over_after_queue_timeout(world):
+    await place(world, h1="beta")  # a quick last load: worth waiting for
     await place(world, h1="alpha")
     world.hosts["h1"].children.load_s["beta"] = 4.0
     status, content, elapsed = await ask(world, "single-nowait")

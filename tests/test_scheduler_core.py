@@ -162,6 +162,85 @@ def test_swap_in_one_group_stops_the_idle_model_first():
     assert kinds(sim.loaded("b")) == [("grant", rb, "b")]
 
 
+def test_swap_starts_the_incoming_model_while_the_outgoing_one_stops_when_memory_holds_both():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP, needs={"a": 4000, "b": 4000})
+    sim.measure(total_mb=10000)
+    sim.serve("a")
+    rb, actions = sim.request("b")
+    assert kinds(actions) == [("stop", "a", "swap"), ("start", "b")]  # the stop is off the swap's path
+    assert actions[1].displaced == ("a",)
+    assert sim.phase("a") is Phase.UNLOADING
+    assert sim.core.committed_mb() == (8000, 0)  # a holds its memory until its stop completes
+    ra2, actions = sim.request("a")
+    assert actions == []  # a may not start again while it is still stopping, nor displace b while it loads
+    assert kinds(sim.loaded("b")) == [("grant", rb, "b")]
+    assert sim.stopped("a") == []
+    assert kinds(sim.finish(rb)) == [("stop", "b", "swap"), ("start", "a")]
+
+
+@pytest.mark.parametrize("why", ["memory holds one", "memory unknown", "turned off"])
+def test_swap_waits_for_the_outgoing_model_to_stop_unless_memory_holds_both(why):
+    needs = {"a": 7000 if why == "memory holds one" else 4000, "b": 4000}
+    sim = Sim(SWAP_PAIR, MAIN_SWAP, needs=needs, scheduler={"overlap_swaps": why != "turned off"})
+    if why != "memory unknown":
+        sim.measure(total_mb=10000)
+    sim.serve("a")
+    rb, actions = sim.request("b")
+    assert kinds(actions) == [("stop", "a", "swap")]
+    assert kinds(sim.stopped("a")) == [("start", "b")]
+    assert kinds(sim.loaded("b")) == [("grant", rb, "b")]
+
+
+def test_overlapping_swap_never_starts_beside_a_model_that_still_serves():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP, needs={"a": 4000, "b": 4000}, scheduler={"batching": False})
+    sim.measure(total_mb=10000)
+    ra, _ = sim.request("a")
+    sim.loaded("a")
+    rb, actions = sim.request("b")
+    assert actions == []  # a drains first, memory or not
+    assert kinds(sim.finish(ra)) == [("stop", "a", "swap"), ("start", "b")]
+
+
+def test_overlap_counts_the_outgoing_model_against_foreign_use_and_leases():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP, needs={"a": 4000, "b": 4000})
+    sim.measure(total_mb=10000, used_mb=6000)  # a's 4000 and 2000 held by another program
+    sim.serve("a")
+    rb, actions = sim.request("b")
+    assert kinds(actions) == [("stop", "a", "swap")]  # 10000 - 2000 foreign - 4000 a < 4000 for b
+    assert kinds(sim.stopped("a")) == [("start", "b")]
+
+
+def loaded_after(sim: Sim, model: str, load_s: float) -> list:
+    upstream = Upstream("http://127.0.0.1:6000", 4242, 6000)
+    return sim.send(LoadSucceeded(model, sim.core.models[model].instance, upstream, load_s, sim.now))
+
+
+def test_a_request_whose_wait_ends_well_before_the_load_is_answered_at_once_and_the_load_goes_on():
+    sim = Sim(SWAP_PAIR, MAIN_SWAP, needs={"a": 4000, "b": 4000})
+    sim.measure(total_mb=10000)
+    sim.serve("a")
+    rb, _ = sim.request("b")
+    sim.stopped("a")
+    sim.advance(1)
+    loaded_after(sim, "b", 3.0)  # b's loads take 3 s
+    sim.finish(rb)
+    sim.serve("a")  # b goes (a swap back)
+    sim.stopped("b")
+    r1, actions = sim.request("b", wait_s=0.5)
+    assert kinds(actions) == [("stop", "a", "swap"), ("start", "b"), ("reject", r1, "queue_timeout")]
+    assert actions[2].retry_after_s == 3 and "about 3.0 s to go" in actions[2].message
+    r2, actions = sim.request("b", wait_s=2.5)  # 3 s of load against 2.5 s of wait: worth waiting for, for now
+    assert actions == []
+    due = sim.now + 1.5  # when 1.5 s of load is left for 1 s of wait
+    assert sim.core.next_wakeup() == pytest.approx(due, abs=1e-3)
+    sim.advance(1.4)
+    assert sim.core.next_wakeup() == pytest.approx(due, abs=1e-3)
+    assert kinds(sim.advance(0.11)) == [("reject", r2, "queue_timeout")]
+    r3, actions = sim.request("b")  # the default 30 s wait: served once the load completes
+    assert actions == []
+    assert kinds(loaded_after(sim, "b", 3.0)) == [("grant", r3, "b")]
+
+
 def test_without_batching_a_busy_model_drains_before_a_swap_and_takes_no_new_requests():
     sim = Sim(SWAP_PAIR, MAIN_SWAP, scheduler={"batching": False})
     ra, _ = sim.request("a")

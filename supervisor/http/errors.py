@@ -52,7 +52,10 @@ async def read_body(request: web.Request, timeout_s: float) -> bytes:
         raise ApiError(415, "unsupported_content_encoding",
                        f"Content-Encoding {coding!r} is not supported (use gzip, deflate, br or zstd, or none)")
     try:
-        return await asyncio.wait_for(request.read(), timeout_s)
+        if request.content.is_eof():  # all of it came with the head (most requests): nothing to wait for
+            return await request.read()
+        async with asyncio.timeout(timeout_s):  # not wait_for: that runs the read in a task of its own
+            return await request.read()
     except TimeoutError:
         raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s") from None
     except web.RequestPayloadError as exc:  # the client's mistake, not a 500

@@ -23,6 +23,7 @@ from ..records import RequestObserver, RequestRecord, ResponseTail
 from ..runtime import Runtime, Ticket
 from ..scheduler import probe
 from .cloud import CloudClient
+from .upstream import UpstreamPool, UpstreamUnreachable, relay
 from .errors import (NOT_FORWARDED_UP, ApiError, ClientGone, error_response, parse_json, read_body,
                      stream_through)
 
@@ -40,8 +41,6 @@ STALE_ATTEMPTS = 2
 UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
 
 
-class UpstreamUnreachable(Exception):
-    """No response byte came back from the model's server."""
 
 TRUE_VALUES, FALSE_VALUES = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 
@@ -87,6 +86,7 @@ class Proxy:
         self.cloud = cloud
         self.observers: list[RequestObserver] = []  # told about every request that named a model
         self.probe_observers: list[Callable[[str, bool], None]] = []  # told about every X-Health-Check probe
+        self.pool = UpstreamPool()  # kept-alive connections of the lean client (POSTs)
 
     @property
     def config(self) -> Config:
@@ -223,6 +223,8 @@ class Proxy:
                 return await report.cloud(forwarding, target, reason)
             try:
                 try:
+                    if request.method == "POST" and ticket.upstream.base_url.startswith("http://"):
+                        return await self._relay(request, ticket, path, body, report)
                     upstream = await self._open(request, ticket, path, body)
                 except UpstreamUnreachable as failure:
                     # Refused or reset before any response byte. If its child has just died, no live server can
@@ -247,6 +249,20 @@ class Proxy:
                 return gone.response
             finally:
                 self.runtime.release(ticket)
+
+    async def _relay(self, request: web.Request, ticket: Ticket, path: str, body: bytes,
+                     report: _Report) -> web.StreamResponse:
+        """A POST (every inference request) on the lean client: see upstream.py."""
+        assert ticket.upstream is not None
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED_UP]
+        target = path if not request.query_string else f"{path}?{request.query_string}"
+        answer = await self.pool.post(ticket.upstream.base_url, target, headers, body)
+        try:
+            response = await relay(request, answer, {"X-Served-By": "local"}, f"model {ticket.model!r}", report.tail)
+        finally:
+            self.pool.release(answer)
+        report.done("local", "local", response.status, None)
+        return response
 
     async def _open(self, request: web.Request, ticket: Ticket, path: str, body: bytes) -> aiohttp.ClientResponse:
         """Send the request to the ticket's upstream; its response once the head is in. Raises UpstreamUnreachable

@@ -48,6 +48,10 @@ from .policy import (
 )  # fmt: skip
 from .state import ORPHANED, RESIDENT, Lease, ModelState, Phase, Waiter
 
+# A request is answered 503 before its wait is up when its model's load, going by the last one, would take this
+# many times what is left of the wait (a margin for loads that come out faster than the last one).
+EARLY_ANSWER_FACTOR = 1.5
+
 Rank = tuple[Any, ...]
 
 
@@ -183,6 +187,12 @@ class SchedulerCore:
         if scheduler.min_residency_s:
             times += [s.ready_since + scheduler.min_residency_s for s in self.models.values()
                       if s.phase is Phase.READY and s.name in self.doomed]
+        for waiter in self.waiters.values():  # when a load will clearly outlast a request's wait
+            state = self.models.get(waiter.model)
+            if waiter.kind == "request" and not waiter.detached and state is not None \
+                    and state.phase is Phase.LOADING and state.last_load_s is not None and state.load_started is not None:
+                times.append((EARLY_ANSWER_FACTOR * waiter.deadline - state.last_load_s - state.load_started)
+                             / (EARLY_ANSWER_FACTOR - 1) + 1e-6)
         wanted = {w.model for w in self.waiters.values()}
         homes = home_models(self)
         for state in self.models.values():
@@ -273,8 +283,12 @@ class SchedulerCore:
         # After the walk, so a waiter whose bound is now (X-Max-Wait-Ms: 0) is served if it can be, and what it
         # started (a load, a swap) is under way before it is answered.
         for waiter in list(self.waiters.values()):
-            if waiter.deadline <= now and waiter.request_id in self.waiters:
+            if waiter.request_id not in self.waiters:
+                continue
+            if waiter.deadline <= now:
                 actions += self._timed_out(waiter, now)
+            elif self._loads_past_deadline(waiter, now):
+                actions += self._timed_out(waiter, now, early=True)
         actions += yield_to_others(self, now)
         actions += self._expire_idle(now)
         actions += come_home(self, now)
@@ -366,15 +380,32 @@ class SchedulerCore:
         state = self.models.get(model)
         return state if state is not None and state.instance == instance else None
 
-    def _timed_out(self, waiter: Waiter, now: float) -> list[Action]:
+    def _loads_past_deadline(self, waiter: Waiter, now: float) -> bool:
+        """Will its model's load, going by how long the last one took, clearly outlast what is left of this
+        request's wait? Then waiting it out only delays the 503 (and a router's fallback)."""
+        if waiter.kind != "request" or waiter.detached:
+            return False
+        state = self.models[waiter.model]
+        if state.phase is not Phase.LOADING or state.last_load_s is None or state.load_started is None:
+            return False
+        load_left = state.last_load_s - (now - state.load_started)
+        return load_left > (waiter.deadline - now) * EARLY_ANSWER_FACTOR
+
+    def _timed_out(self, waiter: Waiter, now: float, early: bool = False) -> list[Action]:
         if waiter.kind == "lease":
             lease = waiter.lease
             message = (f"lease of {lease.mb} MB for {lease.owner!r} was not granted within its wait "  # type: ignore[union-attr]
                        f"(free now: {self.free_mb()} MB)")
             return [self._reject(waiter, 503, "lease_timeout", message, retry_after_s=5)]
         state = self.models[waiter.model]
-        message = (f"model {waiter.model!r} was not ready within {waiter.deadline - waiter.arrived:g} s "
-                   f"(it is {state.phase.value}); retry shortly")  # fmt: skip
+        if early:
+            load_left = state.last_load_s - (now - state.load_started)  # type: ignore[operator]
+            message = (f"model {waiter.model!r} is loading and will not be ready within this request's wait of "
+                       f"{waiter.deadline - waiter.arrived:g} s (about {load_left:.1f} s to go, going by its last "
+                       "load); retry shortly")  # fmt: skip
+        else:
+            message = (f"model {waiter.model!r} was not ready within {waiter.deadline - waiter.arrived:g} s "
+                       f"(it is {state.phase.value}); retry shortly")  # fmt: skip
         detach = waiter.kind == "request" and not waiter.detached
         actions = self._give_up(waiter, 503, "queue_timeout", message, retry_after_s(state, now))
         if detach and state.phase is not Phase.READY:

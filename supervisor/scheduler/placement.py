@@ -151,6 +151,9 @@ def place(core: SchedulerCore, state: ModelState | None, waiter: Waiter, claimed
             state.displaced = tuple(sorted({*state.displaced, *(v.name for v in victims)}))
             if state.swap_started is None:
                 state.swap_started = now
+            if not memory_victims and may_overlap(core, state, group_victims, need):
+                actions.append(core._start(state, now, "admin" if waiter.kind == "load" else "request"))
+                return placement
             if not state.prewarmed:  # the disk works while the others drain and stop
                 state.prewarmed = True
                 actions.append(Prewarm(state.name))
@@ -164,6 +167,19 @@ def place(core: SchedulerCore, state: ModelState | None, waiter: Waiter, claimed
     else:
         actions.append(core._start(state, now, "admin" if waiter.kind == "load" else "request"))
     return placement
+
+
+def may_overlap(core: SchedulerCore, state: ModelState, group_victims: list[ModelState], need: int) -> bool:
+    """May this load start while the models its group displaces are still stopping? Only when every one of them
+    is already on its way out (none still serving or kept by min_residency_s), the memory budget is known and holds
+    the newcomer beside them (they count as held until their stops complete), and all are llama-servers (a `cmd`
+    server may hold a fixed port or memory the daemon cannot see)."""
+    if not core.config.scheduler.overlap_swaps or core.budget is None:
+        return False
+    if state.config.cmd is not None or any(v.phase is not Phase.UNLOADING or v.config.cmd is not None
+                                           for v in group_victims):
+        return False
+    return (core.free_mb() or 0) >= need
 
 
 def candidates(core: SchedulerCore, state: ModelState | None, waiter: Waiter, claimed: list[str],
