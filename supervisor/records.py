@@ -53,20 +53,35 @@ class ResponseTail:
         return tokens_from_tail(b"".join(self._chunks))
 
 
+_DECODER = json.JSONDecoder()
+_OBJECT_BYTES = 2048  # a usage or timings object is a few hundred bytes
+
+
+def _last_object(tail: bytes, starts: list[int]) -> dict | None:
+    """The JSON object at the last of these offsets that holds one (a cut-off last one yields to the one before)."""
+    for start in reversed(starts):
+        for end in (start + _OBJECT_BYTES, len(tail)):  # a short slice first: decoding it is most of the cost
+            try:
+                value, _ = _DECODER.raw_decode(tail[start:end].decode("utf-8", errors="replace"))
+            except ValueError:
+                if end >= len(tail):
+                    break
+                continue
+            if isinstance(value, dict):
+                return value
+            break
+    return None
+
+
 def tokens_from_tail(tail: bytes) -> tuple[int | None, int | None]:
     """(prompt tokens, completion tokens) from the last OpenAI `usage` object, else llama.cpp's `timings`."""
-    found: dict[bytes, dict] = {}
-    decoder = json.JSONDecoder()
+    starts: dict[bytes, list[int]] = {b"usage": [], b"timings": []}
     for match in _USAGE.finditer(tail):
-        try:
-            value, _ = decoder.raw_decode(tail[match.end():].decode("utf-8", errors="replace"))
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            found[match.group(1)] = value
-    usage, timings = found.get(b"usage"), found.get(b"timings")
+        starts[match.group(1)].append(match.end())
+    usage = _last_object(tail, starts[b"usage"])
     if usage is not None:
         return _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+    timings = _last_object(tail, starts[b"timings"])
     if timings is not None:
         prompt = _int(timings.get("prompt_n"))
         cached = _int(timings.get("cache_n")) or 0

@@ -100,6 +100,7 @@ class Runtime:
         self._timer: asyncio.Handle | None = None
         self._timer_at: float | None = None  # when the timer fires (uvloop's handles do not say)
         self._changed = asyncio.Event()
+        self._watchers = 0  # tasks waiting in next_change()
         self._reloading = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
 
@@ -221,18 +222,23 @@ class Runtime:
 
     async def next_change(self) -> None:
         """Return at the next state change (or poke)."""
-        await self._changed.wait()
+        self._watchers += 1
+        try:
+            await self._changed.wait()
+        finally:
+            self._watchers -= 1
 
     def poke(self) -> None:
         """Wake whoever waits for a change though no scheduling state changed (e.g. new latency figures, so /events
         sends them)."""
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        if self._watchers:  # a new event per change only while someone waits for one (two per request otherwise)
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until predicate() holds; it is checked after every state change, never by polling."""
         while not predicate():
-            await self._changed.wait()
+            await self.next_change()
 
     # ------------------------------------------------------------ leases
 
@@ -308,8 +314,7 @@ class Runtime:
         for action in actions:
             self._carry_out(action)
         self._arm_timer()
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        self.poke()
 
     def _answer(self, answer_id: int) -> asyncio.Future[Any] | None:
         future = self._answers.get(answer_id)

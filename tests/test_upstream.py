@@ -152,3 +152,31 @@ async def test_an_answer_cut_mid_body_after_reuse_ends_the_stream_with_an_error_
     assert text.startswith('data: {"n": 1}\n\n')
     assert '"code": "upstream_failed"' in text
     await until(lambda: d.runtime.core.models["a"].in_flight == 0)
+
+
+async def test_a_kept_alive_connection_with_unasked_bytes_on_it_is_not_used_again(start_fake_daemon, tmp_path):
+    requests, connections = [], []
+
+    async def chatty(reader, writer):
+        connections.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                requests.append(head)
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+                await writer.drain()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nstale!")  # an answer nobody asked for
+                await writer.drain()
+
+    server = await asyncio.start_server(chatty, "127.0.0.1", 0)
+    async with server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        d = await one_model(start_fake_daemon, tmp_path, url)
+        for _ in range(3):
+            status, body, _ = await d.chat("a")
+            assert (status, body) == (200, {})
+    assert len(requests) == 3  # each sent once
+    assert len(connections) == 3  # none went out on a connection that carried the stale answer

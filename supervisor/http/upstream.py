@@ -53,6 +53,7 @@ class Answer(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self.idle_since = 0.0
+        self.active = False  # a request is out on it (else it is idle in the pool)
         self._reset()
 
     def _reset(self) -> None:
@@ -65,6 +66,7 @@ class Answer(asyncio.Protocol):
         self.sink: Any = None  # callable(bytes) once the relay writes straight to its client
         self.got_bytes = False
         self.keep_alive = False
+        self.unasked = False  # bytes came after the answer was complete
         self.paused = False
         self._wake: asyncio.Future[None] | None = None
 
@@ -74,6 +76,9 @@ class Answer(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if not self.active:  # bytes on an idle pooled connection answer nothing we asked: it is broken
+            self.close()
+            return
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
@@ -100,18 +105,29 @@ class Answer(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
+    def on_message_begin(self) -> None:
+        if self.finished.done():  # a second answer to one request: never pass it on, never reuse the connection
+            self.keep_alive = False
+            self.unasked = True
+
     def on_headers_complete(self) -> None:
+        if self.unasked:
+            return
         self.status = self.parser.get_status_code()
         if not self.head.done():
             self.head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self.unasked:
+            return
         if self.sink is not None:
             self.sink(body)
         else:
             self.buffered.append(body)
 
     def on_message_complete(self) -> None:
+        if self.unasked:
+            return
         self.keep_alive = self.parser.should_keep_alive()
         self._end(None)
 
@@ -162,7 +178,7 @@ class Answer(asyncio.Protocol):
         # sent on it in that instant would fail (or be sent twice).
         streamed = b"text/event-stream" in (self.header(b"content-type") or b"")
         return (self.finished.done() and self.finished.exception() is None and self.keep_alive and not streamed
-                and self.transport is not None and not self.transport.is_closing())  # fmt: skip
+                and not self.unasked and self.transport is not None and not self.transport.is_closing())  # fmt: skip
 
     def close(self) -> None:
         if self.transport is not None:
@@ -190,6 +206,7 @@ class UpstreamPool:
             if answer is None:
                 answer = await self._connect(key)
             assert answer.transport is not None
+            answer.active = True
             answer.transport.write(message)
             try:
                 await answer.head
@@ -217,6 +234,7 @@ class UpstreamPool:
         """Done with the answer: its connection goes back to the pool if it can carry another request."""
         if answer.reusable:
             answer.resume()
+            answer.active = False
             answer._reset()
             answer.idle_since = time.monotonic()
             self._idle.setdefault(answer.key, []).append(answer)
@@ -270,7 +288,7 @@ async def relay(request: web.Request, answer: Answer, extra_headers: dict[str, s
     for name, value in answer.headers:
         key = name.decode("latin-1")
         if key.lower() not in NOT_FORWARDED_DOWN:
-            response.headers.add(key, value.decode("utf-8", "surrogateescape"))
+            response.headers.add(key, value.decode("utf-8", "replace"))  # UTF-8 as sent; invalid bytes cannot crash
     if complete:
         response.content_length = len(first)
     elif length is not None:
