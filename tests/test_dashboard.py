@@ -138,17 +138,27 @@ class Page:
 
     async def click(self, selector: str) -> None:
         """A real mouse click (pressed and released) at the element's centre, as a user would; once the element is
-        what is under that point (an event that re-renders the page may move it meanwhile)."""
-        centre = await self.wait_for(f"""(() => {{
-            const e = document.querySelector({json.dumps(selector)});
-            if (!e || !e.offsetParent) return null;
-            e.scrollIntoView({{block: "center"}});
-            const r = e.getBoundingClientRect(), x = r.x + r.width / 2, y = r.y + r.height / 2;
-            return e.contains(document.elementFromPoint(x, y)) ? [x, y] : null;
-        }})()""", f"a visible {selector} to click", timeout=10)
-        for kind in ("mousePressed", "mouseReleased"):
-            await self.send("Input.dispatchMouseEvent", type=kind, x=centre[0], y=centre[1], button="left",
-                            clickCount=1)
+        what is under that point. An /events update that re-renders the page between finding the point and the
+        release can move the element (a table column widens) so that no click happens: then it is clicked again,
+        as a user would (never twice: only when the element saw no click)."""
+        target = json.dumps(selector)
+        for _ in range(5):
+            centre = await self.wait_for(f"""(() => {{
+                const e = document.querySelector({target});
+                if (!e || !e.offsetParent) return null;
+                e.scrollIntoView({{block: "center"}});
+                const r = e.getBoundingClientRect(), x = r.x + r.width / 2, y = r.y + r.height / 2;
+                if (!e.contains(document.elementFromPoint(x, y))) return null;
+                window.__clicked = false;
+                e.addEventListener("click", () => {{ window.__clicked = true; }}, {{once: true, capture: true}});
+                return [x, y];
+            }})()""", f"a visible {selector} to click", timeout=10)
+            for kind in ("mousePressed", "mouseReleased"):
+                await self.send("Input.dispatchMouseEvent", type=kind, x=centre[0], y=centre[1], button="left",
+                                clickCount=1)
+            if await self.eval("window.__clicked"):
+                return
+        raise AssertionError(f"{selector} was under the pointer but never got the click")
 
     async def type(self, selector: str, text: str) -> None:
         await self.eval(f"document.querySelector({json.dumps(selector)}).focus()")
