@@ -948,9 +948,15 @@ def swap_parts(events: list[dict[str, Any]]) -> dict[str, float | None]:
     def first(name: str, key: str) -> float | None:
         return next((float(e[key]) for e in events if e.get("event") == name and e.get(key) is not None), None)
 
+    def position(name: str) -> int | None:
+        return next((i for i, e in enumerate(events) if e.get("event") == name), None)
+
+    # Overlapped: the other model started loading before the loaded one had stopped ([scheduler] overlap_swaps).
+    loading, unloaded = position("model_loading"), position("model_unloaded")
+    overlapped = None if loading is None or unloaded is None else float(loading < unloaded)
     return {"stop_ms": first("model_unloaded", "stop_ms"), "save_ms": first("prompt_cache_saved", "ms") or 0.0,
             "load_ms": first("model_ready", "load_ms"), "restore_ms": first("prompt_cache_restored", "ms") or 0.0,
-            "swap_ms": first("swap", "swap_ms")}  # fmt: skip
+            "swap_ms": first("swap", "swap_ms"), "overlapped": overlapped}  # fmt: skip
 
 
 async def setup_stream(b: Bench, url: str, model: str, tokens: int, failures: list[str]) -> StreamResult:
@@ -1939,13 +1945,20 @@ def swap_parts_markdown(sw: dict[str, Any], whys: dict[str, str]) -> list[str]:
         d = idle[c]
         return None if d.get("swap_ms") is None else d["ms"] - d["swap_ms"]
 
+    def overlap_share(c: str) -> str:
+        seen = [r["overlapped"] for r in idle[c].get("runs", []) if r.get("overlapped") is not None]
+        return fmt(100 * sum(seen) / len(seen) if seen else None, ".0f", " %")
+
     return [
         "", "Where the daemon's swap time goes, from its own log (`model_unloaded`, `prompt_cache_saved`, "
         "`model_ready`, `prompt_cache_restored`, `swap`) for each swap timed above; medians. The swap itself runs "
-        "from the decision to make room to ready: the loaded model is stopped first, then the other one started "
-        "(the scheduler never has two children of one swap group running).", "",
+        "from the decision to make room to ready. Where the memory budget holds both models (host RAM here), the "
+        "other model starts at once and the loaded one saves its slots and stops beside that load "
+        "(`[scheduler] overlap_swaps`): the stop is then off the swap's path; else it is stopped first.", "",
         "| the daemon's swap, idle | warm ms | cold ms |", "|---|---|---|",
         row("request → first token", lambda c: idle[c]["ms"]),
+        "| stop and load overlapped (share of the swaps) | " + " | ".join(overlap_share(c) for c in ("warm", "cold"))
+        + " |",
         row("stop of the loaded model (its prompt-cache save, SIGTERM, process group gone)",
             lambda c: idle[c].get("stop_ms")),
         row("&nbsp;&nbsp;of which the prompt-cache save", lambda c: idle[c].get("save_ms")),

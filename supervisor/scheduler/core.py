@@ -58,6 +58,7 @@ Rank = tuple[Any, ...]
 class SchedulerCore:
     def __init__(self, config: Config, needs_mb: dict[str, int] | None = None):
         self.config = config  # as the last ConfigReloaded gave it; settings are read from here, never copied
+        self._homes: tuple[Config, int, list[str]] | None = None  # resting.home_models' answer, for this config
         self.models: dict[str, ModelState] = {
             name: ModelState(name=name, config=model, group=config.group_of(name), need_mb=(needs_mb or {}).get(name, 0))
             for name, model in config.models.items()

@@ -19,10 +19,16 @@ if TYPE_CHECKING:
 
 
 def home_models(core: SchedulerCore) -> list[str]:
-    """The daemon's home model and each group's, that exist."""
+    """The daemon's home model and each group's, that exist. (Asked several times per event: kept until the config
+    or the set of models changes. Not to be modified.)"""
+    cached = core._homes
+    if cached is not None and cached[0] is core.config and cached[1] == len(core.models):
+        return cached[2]
     homes = [core.config.daemon.home] if core.config.daemon.home else []
     homes += [group.home for group in core.config.groups.values() if group.home]
-    return [name for name in dict.fromkeys(homes) if name in core.models]
+    found = [name for name in dict.fromkeys(homes) if name in core.models]
+    core._homes = (core.config, len(core.models), found)
+    return found
 
 
 def come_home(core: SchedulerCore, now: float) -> list[Action]:
