@@ -268,9 +268,9 @@ class Ledger:
 
     def record(self, record: RequestRecord) -> None:
         """Keep one request for the writer; never waits."""
-        if self._closed:
-            return
-        with self._lock:
+        with self._lock:  # under the lock: a record either makes close()'s last batch or is refused
+            if self._closed:
+                return
             self._pending.append(record)
             if self._hand_over_timer is not None:
                 return
@@ -295,11 +295,9 @@ class Ledger:
                 self.dropped += len(batch)
             else:
                 self._backlog += len(batch)
-        if self.dropped != before:
-            if before == 0 or before // 10_000 != self.dropped // 10_000:  # logged now and then, not per batch
-                log.error("ledger_queue_full", dropped=self.dropped, path=str(self.path))
-            return
-        self._queue.put(batch)
+                self._queue.put(batch)  # under the lock: never behind close()'s end marker
+        if self.dropped != before and (before == 0 or before // 10_000 != self.dropped // 10_000):
+            log.error("ledger_queue_full", dropped=self.dropped, path=str(self.path))  # now and then, not per batch
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything recorded before this call is committed. False if that took longer than timeout."""
@@ -314,9 +312,11 @@ class Ledger:
         """Write what is queued, then stop the writer (its connection's close checkpoints the WAL)."""
         if self._closed:
             return
-        self._closed = True
+        with self._lock:
+            self._closed = True
         self._hand_over()
-        self._queue.put(None)
+        with self._lock:
+            self._queue.put(None)
         self._writer.join(timeout)
         if self._writer.is_alive():
             log.warning("ledger_close_timeout", path=str(self.path), queued=self._queue.qsize())

@@ -95,6 +95,7 @@ class Runtime:
         self._answers: dict[int, asyncio.Future[Any]] = {}
         self._loads: dict[str, LoadInFlight] = {}
         self._stops_in_flight = 0  # a swap's load may overlap its outgoing model's stop
+        self._stops_started = 0  # ever: a stop that began and ended during a load is seen too
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ids = itertools.count(1)
         self._timer: asyncio.Handle | None = None
@@ -392,6 +393,7 @@ class Runtime:
         used_before = memory.used_mb if memory is not None else None
         # The device's growth is this model's only if nothing else loaded or stopped meanwhile.
         alone = len(self._loads) <= 1 and not self._stops_in_flight
+        stops_before = self._stops_started
         try:
             upstream = await self.children.start(name)
         except asyncio.CancelledError:  # asked to stop while loading
@@ -420,7 +422,8 @@ class Runtime:
         self.notify(LoadReady(name, upstream.pid, upstream.port, load_s, action.displaced, swap_s))
         self.dispatch(LoadSucceeded(name, action.instance, upstream, load_s, self.now()))
         try:
-            self.memory.learn(name, upstream.pid, used_before, alone and not self._loads and not self._stops_in_flight)
+            alone = alone and not self._loads and not self._stops_in_flight and self._stops_started == stops_before
+            self.memory.learn(name, upstream.pid, used_before, alone)
         except Exception:  # learning is a refinement; it must never stop the exit watch below
             log.exception("memory_learning_failed", model=name)
         await self._watch_exit(name, action.instance)
@@ -456,6 +459,7 @@ class Runtime:
         started = self.now()
         pid = None
         self._stops_in_flight += 1
+        self._stops_started += 1
         try:
             pid = await self.children.stop(name, cause)
         except Exception:  # reported all the same: the core must not wait forever on a stop

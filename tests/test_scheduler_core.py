@@ -178,9 +178,9 @@ def test_swap_starts_the_incoming_model_while_the_outgoing_one_stops_when_memory
     assert kinds(sim.finish(rb)) == [("stop", "b", "swap"), ("start", "a")]
 
 
-@pytest.mark.parametrize("why", ["memory holds one", "memory unknown", "turned off"])
+@pytest.mark.parametrize("why", ["memory holds one", "memory unknown", "turned off", "need unknown"])
 def test_swap_waits_for_the_outgoing_model_to_stop_unless_memory_holds_both(why):
-    needs = {"a": 7000 if why == "memory holds one" else 4000, "b": 4000}
+    needs = {"a": 7000 if why == "memory holds one" else 4000, "b": 0 if why == "need unknown" else 4000}
     sim = Sim(SWAP_PAIR, MAIN_SWAP, needs=needs, scheduler={"overlap_swaps": why != "turned off"})
     if why != "memory unknown":
         sim.measure(total_mb=10000)
@@ -979,3 +979,15 @@ def test_what_fell_due_is_never_a_wakeup_again():
     sim.advance(1.0)
     wakeup = sim.core.next_wakeup()
     assert wakeup is None or wakeup > sim.now
+
+
+def test_a_reload_that_changes_a_models_file_forgets_how_long_its_last_load_took():
+    sim = Sim({"a": {}})
+    ra, _ = sim.request("a")
+    loaded_after(sim, "a", 3.0)
+    sim.finish(ra)
+    reloaded(sim, {"a": {"args": ["-c", "8192"]}})  # restarts once idle: its next load is another one
+    sim.stopped("a")
+    r1, actions = sim.request("a", wait_s=0.5)
+    assert kinds(actions) == [("start", "a")]  # not answered at once: nothing says this load takes 3 s
+    assert sim.core.models["a"].last_load_s is None

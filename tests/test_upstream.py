@@ -180,3 +180,71 @@ async def test_a_kept_alive_connection_with_unasked_bytes_on_it_is_not_used_agai
             assert (status, body) == (200, {})
     assert len(requests) == 3  # each sent once
     assert len(connections) == 3  # none went out on a connection that carried the stale answer
+
+
+async def raw_server(handler):
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def read_request(reader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    return head, await reader.readexactly(length)
+
+
+async def test_interim_answers_are_skipped_and_each_client_gets_its_own_answer(start_fake_daemon, tmp_path):
+    heads = []
+
+    async def with_interim(reader, writer):
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head, body = await read_request(reader)
+                heads.append(head)
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n")
+                await writer.drain()
+                answer = b'{"echo": %s}' % body
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(answer), answer))
+                await writer.drain()
+
+    server, url = await raw_server(with_interim)
+    async with server:
+        d = await one_model(start_fake_daemon, tmp_path, url)
+        for n in range(3):
+            body = {"model": "a", "messages": [{"role": "user", "content": f"client {n}"}]}
+            async with d.http.post(f"{d.url}/v1/chat/completions", json=body,
+                                   headers={"Expect": "100-continue"}) as response:
+                assert response.status == 200
+                assert (await response.json())["echo"] == body  # its own answer, not the one before
+                assert "Link" not in response.headers  # the interim answer's header is not the answer's
+    assert len(heads) == 3 and not any(b"expect:" in head.lower() for head in heads)
+
+
+async def test_a_path_and_query_that_need_encoding_reach_the_model_as_sent(start_fake_daemon, tmp_path):
+    seen = []
+
+    async def record(request):
+        seen.append((request.method, request.path, dict(request.query)))
+        return web.json_response({})
+
+    async with fake_upstream(record) as url:
+        d = await one_model(start_fake_daemon, tmp_path, url)
+        async with d.http.post(f"{d.url}/upstream/a/up%20load/b%C3%A9?name=my%20file.png&x=%26") as response:
+            assert response.status == 200
+    assert seen == [("POST", "/up load/bé", {"name": "my file.png", "x": "&"})]
+
+
+async def test_an_answer_that_ends_when_the_connection_closes_is_whole_not_cut(start_fake_daemon, tmp_path, caplog):
+    async def http10(reader, writer):
+        await read_request(reader)
+        writer.write(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"whole": true}')
+        await writer.drain()
+        writer.close()
+
+    server, url = await raw_server(http10)
+    async with server:
+        d = await one_model(start_fake_daemon, tmp_path, url)
+        status, body, _ = await d.chat("a")
+    assert (status, body) == (200, {"whole": True})
+    assert "upstream_cut" not in caplog.text

@@ -25,8 +25,9 @@ HOP_BY_HOP = {
 }  # fmt: skip
 # content-encoding: aiohttp has already decoded the body we send on (gzip, deflate, br, zstd; read_body refuses any
 # other coding), so the header would describe bytes that are not there (llama-server answers 415).
+# expect: the whole body is read before anything is sent up, so a 100 Continue would be asked for nothing.
 NOT_FORWARDED_UP = HOP_BY_HOP | {"authorization", "x-local-only", "x-force-big", "content-encoding", "x-health-check",
-                                 "x-max-wait-ms"}
+                                 "x-max-wait-ms", "expect"}
 # Response headers kept from the client: llama-server reflects any Origin in its CORS headers, which would let any
 # web page read answers from a daemon on loopback.
 NOT_FORWARDED_DOWN = HOP_BY_HOP | {

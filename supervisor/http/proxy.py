@@ -8,6 +8,7 @@ which closes the upstream request (llama-server then stops generating) and retur
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -72,6 +73,12 @@ def wait_header(request: web.Request) -> float | None:
         raise ApiError(400, "invalid_header", f"header {MAX_WAIT_HEADER} must be a whole number of milliseconds "
                                               f"from 0 to {MAX_WAIT_LIMIT_MS}")
     return value / 1000
+
+
+@functools.lru_cache(maxsize=512)
+def encoded_path(path: str) -> str:
+    """A decoded path as a request line needs it, percent-encoded (the same few paths come again and again)."""
+    return yarl.URL.build(path=path).raw_path
 
 
 def unknown_model_error(config: Config, name: str) -> ApiError:
@@ -255,7 +262,11 @@ class Proxy:
         """A POST (every inference request) on the lean client: see upstream.py."""
         assert ticket.upstream is not None
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED_UP]
-        target = path if not request.query_string else f"{path}?{request.query_string}"
+        # The request line needs the raw (still percent-encoded) path and query: request.path and match_info are
+        # decoded (a space or a non-ASCII letter would break the line).
+        raw_path = encoded_path(path)
+        query = request.rel_url.raw_query_string
+        target = f"{raw_path}?{query}" if query else raw_path
         answer = await self.pool.post(ticket.upstream.base_url, target, headers, body)
         try:
             response = await relay(request, answer, {"X-Served-By": "local"}, f"model {ticket.model!r}", report.tail)

@@ -67,6 +67,7 @@ class Answer(asyncio.Protocol):
         self.got_bytes = False
         self.keep_alive = False
         self.unasked = False  # bytes came after the answer was complete
+        self.interim = False  # reading a 1xx (100 Continue): not the answer
         self.paused = False
         self._wake: asyncio.Future[None] | None = None
 
@@ -90,20 +91,29 @@ class Answer(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
         if not self.finished.done():
-            if self.head.done():
+            if self.head.done() and exc is None and self._ends_at_close():
+                self.keep_alive = False
+                self._end(None)  # an answer with neither a length nor chunks ends where the connection does
+            elif self.head.done():
                 why = str(exc) if exc else "the server closed the connection mid-answer"
                 self._end(UpstreamCut(why))
             else:
                 self._end(UpstreamUnreachable(str(exc) if exc else "the server closed the connection"))
         self.transport = None
 
+    def _ends_at_close(self) -> bool:
+        chunked = b"chunked" in (self.header(b"transfer-encoding") or b"").lower()
+        return self.header(b"content-length") is None and not chunked and self.status not in (204, 304)
+
     # -- httptools callbacks
 
     def on_status(self, reason: bytes) -> None:
-        self.reason += reason.decode("latin-1")
+        if not self.unasked:
+            self.reason += reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if not self.unasked:
+            self.headers.append((name, value))
 
     def on_message_begin(self) -> None:
         if self.finished.done():  # a second answer to one request: never pass it on, never reuse the connection
@@ -113,12 +123,17 @@ class Answer(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self.unasked:
             return
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim answer (100 Continue, 103 Early Hints): the real one follows on the same connection.
+            self.interim, self.reason, self.headers = True, "", []
+            return
+        self.status = status
         if not self.head.done():
             self.head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        if self.unasked:
+        if self.unasked or self.interim:
             return
         if self.sink is not None:
             self.sink(body)
@@ -126,6 +141,9 @@ class Answer(asyncio.Protocol):
             self.buffered.append(body)
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         if self.unasked:
             return
         self.keep_alive = self.parser.should_keep_alive()
@@ -178,7 +196,8 @@ class Answer(asyncio.Protocol):
         # sent on it in that instant would fail (or be sent twice).
         streamed = b"text/event-stream" in (self.header(b"content-type") or b"")
         return (self.finished.done() and self.finished.exception() is None and self.keep_alive and not streamed
-                and not self.unasked and self.transport is not None and not self.transport.is_closing())  # fmt: skip
+                and not self.unasked and self.transport is not None and not self.transport.is_closing()
+                and not self.transport.get_write_buffer_size())  # an early answer left request bytes unsent  # fmt: skip
 
     def close(self) -> None:
         if self.transport is not None:
@@ -196,12 +215,13 @@ class UpstreamPool:
         """Send a POST; the answer once its head is in. Raises UpstreamUnreachable when nothing came back. A pooled
         connection the server closed before answering is tried once more on a fresh one (as aiohttp does)."""
         key, prefix = self._address(base_url)
-        lines = [f"POST {prefix}{target} HTTP/1.1\r\nHost: {key[0]}:{key[1]}\r\n"]
+        host = f"[{key[0]}]" if ":" in key[0] else key[0]
+        lines = [f"POST {prefix}{target} HTTP/1.1\r\nHost: {host}:{key[1]}\r\n"]
         lines += [f"{name}: {value}\r\n" for name, value in headers]
         lines.append(f"Content-Length: {len(body)}\r\n\r\n")
         message = "".join(lines).encode("utf-8", "surrogateescape") + body
         for attempt in (1, 2):
-            answer = self._take(key)
+            answer = self._take(key) if attempt == 1 else None  # the retry: a fresh connection
             reused = answer is not None
             if answer is None:
                 answer = await self._connect(key)

@@ -173,9 +173,11 @@ def may_overlap(core: SchedulerCore, state: ModelState, group_victims: list[Mode
     """May this load start while the models its group displaces are still stopping? Only when every one of them
     is already on its way out (none still serving or kept by min_residency_s), the memory budget is known and holds
     the newcomer beside them (they count as held until their stops complete), and all are llama-servers (a `cmd`
-    server may hold a fixed port or memory the daemon cannot see)."""
+    server may hold a fixed port or memory the daemon cannot see), and every need involved is known."""
     if not core.config.scheduler.overlap_swaps or core.budget is None:
         return False
+    if state.need_mb <= 0 or any(v.need_mb <= 0 for v in group_victims):
+        return False  # a need that is not known (no estimate) cannot be said to fit beside anything
     if state.config.cmd is not None or any(v.phase is not Phase.UNLOADING or v.config.cmd is not None
                                            for v in group_victims):
         return False

@@ -43,6 +43,7 @@ def apply_reload(core: SchedulerCore, event: ConfigReloaded) -> list[Action]:
         if need is not None:
             state.need_mb = need
         if name in event.diff.process_changed:
+            state.last_load_s = None  # another file or other args: the last load says nothing of the next one
             if state.phase is Phase.FAILED:
                 state.phase, state.failures, state.retry_at, state.last_error = Phase.UNLOADED, 0, 0.0, None
             elif state.phase in RESIDENT:
