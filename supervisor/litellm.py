@@ -41,10 +41,6 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-try:
-    from litellm.integrations.custom_logger import CustomLogger
-except ImportError:  # LiteLLM is not installed: the class still imports (it is only useful inside LiteLLM)
-    CustomLogger = object  # type: ignore[misc,assignment]
 
 log = logging.getLogger("model_supervisor.litellm")
 
@@ -192,13 +188,14 @@ async def sse_events(content: aiohttp.StreamReader):
         del buffer[:start]
 
 
-class ModelSupervisorRouting(CustomLogger):  # type: ignore[misc,valid-type]
-    """Keeps, of a request's candidate deployments, the model-supervisor hosts that serve its model best now."""
+class Routing:
+    """Keeps, of a request's candidate deployments, the model-supervisor hosts that serve its model best now.
+    LiteLLM's callback (`handler`) is this with LiteLLM's CustomLogger as a base; this alone is the same logic
+    without LiteLLM imported (importing LiteLLM takes seconds)."""
 
     def __init__(self, first_wait_s: float = 1.0, connect_timeout_s: float = 3.0, read_timeout_s: float = 40.0,
                  backoff_s: tuple[float, float] = (0.25, 15.0), recheck_other_s: float = 300.0, **kwargs: Any):
-        if CustomLogger is not object:
-            super().__init__(**kwargs)
+        super().__init__(**kwargs)  # cooperative: CustomLogger's in the callback class, object's otherwise
         self.first_wait_s = first_wait_s  # a request that finds a host first seen this long ago waits for its state
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s  # the daemon sends a keep-alive every 15 s: silence longer is a loss
@@ -387,4 +384,17 @@ def _describe(deployment: dict[str, Any]) -> str:
     return f"{params.get('model')}@{params.get('api_base')}"
 
 
-handler = ModelSupervisorRouting()
+def __getattr__(name: str) -> Any:
+    """`ModelSupervisorRouting` (Routing as a LiteLLM CustomLogger) and `handler` (the instance LiteLLM's config
+    names) are made on first use: inside LiteLLM's proxy, LiteLLM is imported already; elsewhere importing this
+    module stays cheap. Without LiteLLM installed they are plain Routing."""
+    if name not in ("ModelSupervisorRouting", "handler"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        from litellm.integrations.custom_logger import CustomLogger
+    except ImportError:
+        callback: type[Routing] = Routing
+    else:
+        callback = type("ModelSupervisorRouting", (Routing, CustomLogger), {"__module__": __name__})
+    globals().update(ModelSupervisorRouting=callback, handler=callback())
+    return globals()[name]

@@ -130,7 +130,7 @@ class DaemonStarter:
     async def __call__(self, models: dict[str, dict], groups: dict | None = None, probe=None, gpu: dict | None = None,
                        cloud: dict | None = None, gaming: dict | None = None, binary: str | None = None,
                        config_path: str | None = None, children=None, prompt_cache: dict | None = None,
-                       scheduler: dict | None = None, **daemon: Any) -> RunningDaemon:
+                       scheduler: dict | None = None, port: int = 0, **daemon: Any) -> RunningDaemon:
         daemon.setdefault("state_dir", str(self.tmp_path / "state"))
         if config_path is not None:  # a real file, as `run --config` reads it (and SIGHUP re-reads it)
             config = load_config(config_path)
@@ -140,7 +140,7 @@ class DaemonStarter:
             children = FakeChildren()
         if self.fake and probe is None:
             probe = FixedProbe(total_mb=1_000_000)
-        daemon_obj = Daemon(config, binary or self.binary, port=0, probe=probe, config_path=config_path,
+        daemon_obj = Daemon(config, binary or self.binary, port=port, probe=probe, config_path=config_path,
                             children=children)
         await daemon_obj.start()
         timeline = Timeline()
@@ -181,6 +181,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "llama_server_bin" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.llama)
+
+
+def pytest_collection_finish(session):
+    """Modules that start something slow ahead of their tests (test_litellm's LiteLLM proxy, ~6 s) do it now, once
+    the session knows it will run them, so it runs beside the tests before theirs."""
+    if session.config.option.collectonly:
+        return
+    for module in {item.module for item in session.items if getattr(item, "module", None) is not None}:
+        prepare = getattr(module, "start_ahead", None)
+        if prepare is not None:
+            prepare()
 
 
 def llama_children(pid: int | None = None) -> list[psutil.Process]:

@@ -90,14 +90,14 @@ class FakeChildren:
 
 
 @contextlib.asynccontextmanager
-async def fake_upstream(handler):
+async def fake_upstream(handler, port: int = 0):
     """A named fake upstream: an aiohttp server on loopback whose handler stands in for (or misbehaves as) a
-    model's server, for faults a real one cannot show on cue."""
+    model's server, for faults a real one cannot show on cue. On a free port unless given one."""
     app = web.Application()
     app.router.add_route("*", "/{path:.*}", handler)
     runner = web.AppRunner(app)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
     try:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:

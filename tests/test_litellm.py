@@ -2,18 +2,23 @@
 children: no llama-server) and a fake cloud: the routing callback (`model_supervisor.litellm.handler`), LiteLLM's
 health checks, and the failover each setup gives, with the waits printed (run with -s to see them).
 
-LiteLLM starts once for the module (about 6 s on 2 cores); each test uses model groups of its own, so LiteLLM's
-cooldowns from one test do not steer another.
+LiteLLM starts once for the module (about 6 s on 2 cores), ahead of it: conftest calls `start_ahead` when the
+session's tests are collected, so the start runs beside the tests before these. Each test uses model groups of its
+own, so LiteLLM's cooldowns from one test do not steer another.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import importlib.util
 import os
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,19 +35,17 @@ from test_request_faults import fake_upstream
 LITELLM = Path(sys.executable).parent / "litellm"
 if importlib.util.find_spec("litellm") is None or not LITELLM.exists():
     pytest.skip("needs litellm[proxy] (the test extra)", allow_module_level=True)
-# Importing litellm (model_supervisor.litellm subclasses its CustomLogger) fetches a price map from the internet
-# unless told not to; this machine has none, and waiting for it takes seconds.
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-
+# Routing is the callback's logic without LiteLLM's base class: the mirror below needs no LiteLLM in this process
+# (importing it takes seconds); LiteLLM's proxy loads the real `handler`.
 from model_supervisor.litellm import (  # noqa: E402
-    DAEMON_CLOUD, LOADABLE, LOADING, NO_OPINION, NOW, ModelSupervisorRouting, daemon_root, rank, served_names)
+    DAEMON_CLOUD, LOADABLE, LOADING, NO_OPINION, NOW, Routing, daemon_root, rank, served_names)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 
 MASTER_KEY = "sk-model-supervisor-test"
 PROBE = {"X-Health-Check": "true"}
 HOSTS = ("h1", "h2")
-SYNC_MARGIN_S = 0.3  # LiteLLM's watcher gets each event when the test's does; this covers the rest
+SYNC_MARGIN_S = 0.15  # LiteLLM's watcher gets each event when the test's does; this covers the rest
 
 
 def measured(what: str, seconds: float) -> None:
@@ -131,46 +134,84 @@ def litellm_env() -> dict[str, str]:
     return env
 
 
-@contextlib.asynccontextmanager
-async def litellm_proxy(config: dict, folder: Path):
-    """A LiteLLM proxy process on a free port; yields its URL once it answers."""
-    path = folder / "litellm.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    port = free_port()
-    log_path = folder / "litellm.log"
-    started = time.monotonic()
-    with open(log_path, "wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            str(LITELLM), "--config", str(path), "--host", "127.0.0.1", "--port", str(port), cwd=folder,
-            env=litellm_env(), stdout=log_file, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
+class Ahead:
+    """The LiteLLM proxy, started ahead of this module's tests (conftest calls start_ahead once the session's tests
+    are collected: its ~6 s start runs beside the tests before these), and the ports of what its config names:
+    bound, not listening, until the daemons and the fake cloud take them."""
+
+    def __init__(self) -> None:
+        self.reserved = {name: reserve_port() for name in (*HOSTS, "cloud")}
+        self.urls = {name: f"http://127.0.0.1:{s.getsockname()[1]}" for name, s in self.reserved.items()}
+        self.dead = f"http://127.0.0.1:{free_port()}"  # a host that is down: nothing listens there
+        self.folder = Path(tempfile.mkdtemp(prefix="litellm-test-"))
+        config = litellm_config(self.urls["h1"], self.urls["h2"], self.urls["cloud"], self.dead)
+        path = self.folder / "litellm.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = self.folder / "litellm.log"
+        self.started = time.monotonic()
+        with open(self.log, "wb") as log_file:
+            self.process = subprocess.Popen(
+                [str(LITELLM), "--config", str(path), "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1]],
+                cwd=self.folder, env=litellm_env(), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        atexit.register(self.stop)  # if this module's tests never got to run
+
+    def port(self, name: str) -> int:
+        return self.reserved[name].getsockname()[1]
+
+    def release(self) -> None:
+        """The servers are on their ports now (they bind beside the reservation: both reuse the address)."""
+        for reservation in self.reserved.values():
+            reservation.close()
+
+    async def ready(self) -> SimpleNamespace:
         async with aiohttp.ClientSession() as http:
             while True:
-                if process.returncode is not None or time.monotonic() - started > 90:
-                    pytest.fail(f"LiteLLM did not start:\n{log_path.read_text()[-4000:]}")
+                if self.process.poll() is not None or time.monotonic() - self.started > 90:
+                    pytest.fail(f"LiteLLM did not start:\n{self.log.read_text()[-4000:]}")
                 with contextlib.suppress(aiohttp.ClientError):
-                    async with http.get(f"{url}/health/liveliness") as response:
+                    async with http.get(f"{self.url}/health/liveliness") as response:
                         if response.status == 200:
                             break
                 await asyncio.sleep(0.2)
-        measured("LiteLLM proxy startup", time.monotonic() - started)
-        yield SimpleNamespace(url=url, log=log_path)
-    finally:
-        if process.returncode is None:
-            process.terminate()
+        measured("LiteLLM proxy startup (beside the tests before these)", time.monotonic() - self.started)
+        return SimpleNamespace(url=self.url, log=self.log)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
             try:
-                await asyncio.wait_for(process.wait(), 10)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def reserve_port() -> socket.socket:
+    reservation = socket.socket()
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reservation.bind(("127.0.0.1", 0))
+    return reservation
+
+
+_ahead: Ahead | None = None
+
+
+def start_ahead() -> Ahead:
+    global _ahead
+    if _ahead is None:
+        _ahead = Ahead()
+    return _ahead
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(tmp_path_factory):
     folder = tmp_path_factory.mktemp("litellm")
+    ahead = start_ahead()
     async with contextlib.AsyncExitStack() as stack:
-        cloud = await stack.enter_async_context(fake_upstream(host_upstream("cloud")))
+        stack.callback(ahead.stop)
+        cloud = await stack.enter_async_context(fake_upstream(host_upstream("cloud"), port=ahead.port("cloud")))
         starter = DaemonStarter(folder, "/nonexistent/llama-server", fake=True)
         stack.push_async_callback(starter.close)
         hosts = {}
@@ -182,16 +223,17 @@ async def world(tmp_path_factory):
                                 "group": "main"},
                       "beta": {"model": str(folder / "beta.gguf"), "vram_mb": 1, "group": "main"}}
             d = await starter(models, groups={"main": {"swap": True}}, children=children, queue_timeout_s=2,
-                              state_dir=str(folder / name))
+                              state_dir=str(folder / name), port=ahead.port(name))
             records = []
             d.daemon.proxy.observers.append(records.append)
             hosts[name] = SimpleNamespace(d=d, children=children, records=records)
-        dead = f"http://127.0.0.1:{free_port()}"  # a host that is down: nothing listens there
-        proxy = await stack.enter_async_context(litellm_proxy(
-            litellm_config(hosts["h1"].d.url, hosts["h2"].d.url, cloud, dead), folder))
+        ahead.release()
+        assert [hosts[n].d.url for n in HOSTS] + [cloud] == [ahead.urls[n] for n in (*HOSTS, "cloud")]
+        dead = ahead.dead
+        proxy = await ahead.ready()
         http = await stack.enter_async_context(aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=aiohttp.ClientTimeout(total=30)))
-        mirror = ModelSupervisorRouting(first_wait_s=5)  # follows the daemons as LiteLLM's copy does
+        mirror = Routing(first_wait_s=5)  # follows the daemons as LiteLLM's copy does
         stack.push_async_callback(mirror.aclose)
         world = SimpleNamespace(proxy=proxy, http=http, hosts=hosts, mirror=mirror, cloud=cloud, dead=dead)
         status, content, _ = await ask(world, "cloud")  # LiteLLM imports its OpenAI client on first use
@@ -361,7 +403,7 @@ async def test_without_the_callback_models_swap_back_and_forth(world):
 async def test_single_host_a_swap_fails_over_after_x_max_wait_ms(world):
     await place(world, h1="beta")  # beta's last load was quick: the daemon expects this swap to be quick too
     await place(world, h1="alpha")
-    world.hosts["h1"].children.load_s["beta"] = 3.0  # the swap to beta takes 3 s
+    world.hosts["h1"].children.load_s["beta"] = 1.5  # the swap to beta takes 1.5 s
     status, content, elapsed = await ask(world, "single")
     measured("single host swapping, X-Max-Wait-Ms 500 -> LiteLLM fallback", elapsed)
     assert (status, content) == (200, "cloud:frontier") and 0.5 <= elapsed < 1.5
@@ -384,11 +426,11 @@ async def test_single_host_a_swap_fails_over_after_x_max_wait_ms(world):
 
 
 async def test_single_host_a_swap_known_to_outlast_the_wait_fails_over_at_once(world):
-    world.hosts["h1"].children.load_s["beta"] = 1.2
-    await place(world, h1="beta")  # beta's loads take 1.2 s: more than 1.5 x the 0.5 s X-Max-Wait-Ms
+    world.hosts["h1"].children.load_s["beta"] = 0.9
+    await place(world, h1="beta")  # beta's loads take 0.9 s: more than 1.5 x the 0.5 s X-Max-Wait-Ms
     await place(world, h1="alpha")
     status, content, elapsed = await ask(world, "single")
-    measured("single host swapping, a load known to take 1.2 s, X-Max-Wait-Ms 500 -> LiteLLM fallback", elapsed)
+    measured("single host swapping, a load known to take 0.9 s, X-Max-Wait-Ms 500 -> LiteLLM fallback", elapsed)
     assert (status, content) == (200, "cloud:frontier") and elapsed < 0.4  # not after the 0.5 s wait
     await world.hosts["h1"].d.wait_until(lambda: world.hosts["h1"].d.state("beta") == "ready")
     assert loads(world)["h1"] == ["beta"]  # the load it started went on
@@ -465,7 +507,7 @@ async def test_ranks():
 
 
 async def test_unreachable_and_foreign_bases_are_left_alone(world):
-    router = ModelSupervisorRouting(first_wait_s=2)
+    router = Routing(first_wait_s=2)
     async with fake_upstream(host_upstream("plain")) as plain:  # answers /events with JSON: not a daemon
         candidates = [deployment("x", f"http://127.0.0.1:{free_port()}", "alpha"),  # nothing listens there
                       deployment("x", plain, "alpha"),

@@ -262,7 +262,7 @@ async def test_reading_a_large_vocabulary_on_reload_does_not_block_the_loop(star
     from model_supervisor.testmodels import write_test_model
 
     small = write_test_model(tmp_path / "small.gguf", seed=1)
-    big = write_test_model(tmp_path / "big.gguf", seed=2, extra_vocab=60_000)  # its header takes ~2 s to read
+    big = write_test_model(tmp_path / "big.gguf", seed=2, extra_vocab=30_000)  # its header takes ~1 s to read
     config = tmp_path / "models.toml"
     head = f'[daemon]\nllama_server = "/bin/true"\nstate_dir = "{tmp_path / "state"}"\n[models.small]\nmodel = "{small}"\n'
     config.write_text(head)
