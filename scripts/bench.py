@@ -65,6 +65,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 from model_supervisor.testmodels import write_test_model  # noqa: E402
+from model_supervisor.tomlwriter import dumps as toml_dumps  # noqa: E402
 
 MIB = 1024 * 1024
 HOST = "127.0.0.1"
@@ -425,32 +426,6 @@ class Server:
     log: Path
 
 
-def to_toml(config: dict[str, Any]) -> str:
-    """Just enough TOML for the generated config (tomllib only reads)."""
-    lines: list[str] = []
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)  # JSON string escapes are valid TOML basic strings
-        return "[" + ", ".join(value(x) for x in v) + "]"
-
-    def table(prefix: str, d: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
-        if prefix and (scalars or not d):
-            lines.append(f"\n[{prefix}]")
-        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
-        for k, v in d.items():
-            if isinstance(v, dict):
-                table(f"{prefix}.{k}" if prefix else k, v)
-
-    table("", config)
-    return "\n".join(lines).lstrip() + "\n"
-
-
 class Bench:
     def __init__(self, settings: Settings, binary: str, work: Path, models: dict[str, Path], router: bool,
                  procs: Processes):  # fmt: skip
@@ -493,7 +468,7 @@ class Bench:
                        for name, extra in models.items()},
         }  # fmt: skip
         path = self.work / f"{tag}.toml"
-        path.write_text(to_toml(config))
+        path.write_text(toml_dumps(config))
         # The environment must not reconfigure the daemon behind the generated file's back.
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_SUPERVISOR_")}
         env.update(LLAMA_SERVER=self.binary, PYTHONUNBUFFERED="1")

@@ -59,6 +59,7 @@ import psutil  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from model_supervisor.testmodels import write_test_model  # noqa: E402
+from model_supervisor.tomlwriter import dumps as toml_dumps  # noqa: E402
 
 HOST = "127.0.0.1"
 MIB = 1024 * 1024
@@ -105,32 +106,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-def to_toml(config: dict[str, Any]) -> str:
-    """Just enough TOML for the generated config (tomllib only reads)."""
-    lines: list[str] = []
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        return "[" + ", ".join(value(x) for x in v) + "]"
-
-    def table(prefix: str, d: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
-        if prefix and (scalars or not d):
-            lines.append(f"\n[{prefix}]")
-        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
-        for k, v in d.items():
-            if isinstance(v, dict):
-                table(f"{prefix}.{k}" if prefix else k, v)
-
-    table("", config)
-    return "\n".join(lines).lstrip() + "\n"
 
 
 def find_llama_server() -> str:
@@ -359,7 +334,7 @@ class Chaos:
 
     def write_config(self) -> None:
         tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(to_toml(self.config(self.paths)))
+        tmp.write_text(toml_dumps(self.config(self.paths)))
         os.replace(tmp, self.config_path)  # the daemon never reads half a file
 
     def start_daemon(self) -> None:

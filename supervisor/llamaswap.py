@@ -15,7 +15,7 @@ What is translated (see docs/migration-llama-swap.md for every key):
   ``checkEndpoint``, ``healthCheckTimeout``, ``startPort``, ``unloadTimeout``, the fifo scheduler's priorities
   and ``hooks.on_startup.preload`` (when this version has ``preload``).
 
-The TOML is written by the small writer at the end of this module rather than tomli-w: the output interleaves
+The TOML is written by the package's small writer (tomlwriter.py) rather than tomli-w: the output interleaves
 comments (the header, each model's notes) with the tables, which tomli-w cannot write, and it only needs
 strings, numbers, booleans and arrays of strings.
 """
@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from .config import DEFAULT_GROUP, NAME_PATTERN, RESERVED_ARGS, ModelConfig
+from .tomlwriter import TomlWriter
 
 KeyPath = tuple[Any, ...]
 
@@ -850,77 +851,3 @@ def go_float(x: float) -> str:
     if point >= len(digits):
         return neg + digits + "0" * (point - len(digits))
     return f"{neg}{digits[:point]}.{digits[point:]}"
-
-
-class TomlWriter:
-    """Just enough TOML for a models.toml: comments, [tables], and keys with strings, numbers, booleans and
-    arrays of those."""
-
-    WIDTH = 100
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def comment(self, text: str) -> None:
-        for line in text.split("\n"):
-            self.lines.append(f"# {line}".rstrip())
-
-    def table(self, path: tuple[str, ...]) -> None:
-        self.lines += ["", "[" + ".".join(toml_key(p) for p in path) + "]"]
-
-    def entry(self, key: str, value: Any) -> None:
-        head = f"{toml_key(key)} = "
-        if isinstance(value, list):
-            items = [toml_value(v) for v in value]
-            inline = head + "[" + ", ".join(items) + "]"
-            if len(inline) <= self.WIDTH:
-                self.lines.append(inline)
-                return
-            self.lines.append(head + "[")
-            row = ""
-            for item in items:
-                if row and len(row) + len(item) + 6 > self.WIDTH:
-                    self.lines.append(row.rstrip())
-                    row = ""
-                row += ("    " if not row else "") + item + ", "
-            if row:
-                self.lines.append(row.rstrip())
-            self.lines.append("]")
-            return
-        self.lines.append(head + toml_value(value))
-
-    def text(self) -> str:
-        return "\n".join(self.lines).strip("\n") + "\n"
-
-
-def toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_string(key)
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"not a finite number: {value}")
-        return repr(value)
-    if isinstance(value, str):
-        return toml_string(value)
-    raise TypeError(f"cannot write {type(value).__name__} as TOML here")
-
-
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
-
-
-def toml_string(text: str) -> str:
-    out = []
-    for char in text:
-        if char in _ESCAPES:
-            out.append(_ESCAPES[char])
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
-            out.append(f"\\u{ord(char):04x}")
-        else:
-            out.append(char)
-    return '"' + "".join(out) + '"'

@@ -26,6 +26,8 @@ import aiohttp
 import yarl
 import psutil
 
+from .changes import Changes
+
 HOST = "127.0.0.1"
 PR_SET_PDEATHSIG = 1
 FIRST_POLL_S = 0.002
@@ -66,17 +68,14 @@ class LogRing:
         self._partial = ""
         self.changed = asyncio.Event()
         self.total = 0  # lines ever added: a follower's cursor
-        self._grown = asyncio.Event()  # replaced after each addition, so every follower wakes once
-        self._followers = 0
+        self._grown = Changes()  # every follower wakes once per addition
 
     def _add(self, lines: list[str]) -> None:
         if not lines:
             return
         self._lines.extend(lines)
         self.total += len(lines)
-        if self._followers:  # a new event per addition only while someone follows the output
-            grown, self._grown = self._grown, asyncio.Event()
-            grown.set()
+        self._grown.notify()
 
     def feed(self, data: bytes) -> None:
         text = self._partial + data.decode("utf-8", errors="replace")
@@ -100,11 +99,7 @@ class LogRing:
 
     async def grown(self) -> None:
         """Return once a line is added."""
-        self._followers += 1
-        try:
-            await self._grown.wait()
-        finally:
-            self._followers -= 1
+        await self._grown.wait()
 
     def lines(self) -> list[str]:
         return list(self._lines)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import structlog
 
 from .children import Children
+from .changes import Changes
 from .config import (
     Config, ConfigError, LiveConfig, diff_configs, find_llama_server, keep_restart_only, load_config, preflight,
 )  # fmt: skip
@@ -100,8 +101,7 @@ class Runtime:
         self._ids = itertools.count(1)
         self._timer: asyncio.Handle | None = None
         self._timer_at: float | None = None  # when the timer fires (uvloop's handles do not say)
-        self._changed = asyncio.Event()
-        self._watchers = 0  # tasks waiting in next_change()
+        self._changes = Changes()
         self._reloading = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
 
@@ -223,18 +223,12 @@ class Runtime:
 
     async def next_change(self) -> None:
         """Return at the next state change (or poke)."""
-        self._watchers += 1
-        try:
-            await self._changed.wait()
-        finally:
-            self._watchers -= 1
+        await self._changes.wait()
 
     def poke(self) -> None:
         """Wake whoever waits for a change though no scheduling state changed (e.g. new latency figures, so /events
         sends them)."""
-        if self._watchers:  # a new event per change only while someone waits for one (two per request otherwise)
-            changed, self._changed = self._changed, asyncio.Event()
-            changed.set()
+        self._changes.notify()
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until predicate() holds; it is checked after every state change, never by polling."""

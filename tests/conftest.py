@@ -194,6 +194,18 @@ def pytest_collection_finish(session):
             prepare()
 
 
+@pytest.fixture
+def children_of_this_test() -> Callable[[], list[psutil.Process]]:
+    """The processes below this test process that were not there when the test began (a helper the session started
+    ahead, such as test_litellm's LiteLLM proxy, is no child of this test's)."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+
+    def since() -> list[psutil.Process]:
+        return [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+
+    return since
+
+
 def llama_children(pid: int | None = None) -> list[psutil.Process]:
     """llama-server processes below this test process (or below pid). One that exits while we look is not there."""
     found = []

@@ -40,10 +40,6 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
 """
 
 
-def children_of_this_test() -> list[psutil.Process]:
-    return psutil.Process().children(recursive=True)
-
-
 async def test_llama_server_through_cmd_serves_and_swaps_with_a_gguf_model(start_daemon, tiny_models,
                                                                            llama_server_bin):
     cmd = [llama_server_bin, "-m", str(tiny_models[1]), "--host", "127.0.0.1", "--port", "${PORT}",
@@ -68,7 +64,8 @@ async def test_llama_server_through_cmd_serves_and_swaps_with_a_gguf_model(start
       " time.sleep(60)", "${PORT}"], "not on the port it was given"),
     (["sleep", "60"], "not ready after 2 s"),
 ])
-async def test_a_cmd_that_fails_says_why_fast_and_leaves_nothing_running(start_daemon, cmd, expected):
+async def test_a_cmd_that_fails_says_why_fast_and_leaves_nothing_running(start_daemon, cmd, expected,
+                                                                        children_of_this_test):
     d = await start_daemon({"bad": {"cmd": cmd}}, health_timeout_s=2)
     started = time.monotonic()
     status, body, _ = await d.chat("bad")

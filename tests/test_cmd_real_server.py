@@ -45,7 +45,8 @@ def pids_alive(pids: list[int]) -> list[int]:
     return alive
 
 
-async def test_piper_tts_through_cmd_speaks_swaps_with_a_gguf_model_and_stops(start_daemon, tiny_models):
+async def test_piper_tts_through_cmd_speaks_swaps_with_a_gguf_model_and_stops(start_daemon, tiny_models,
+                                                                              children_of_this_test):
     voice = joe_voice.model_path()
     assert hashlib.sha256(voice.read_bytes()).hexdigest() == VOICE_SHA256, f"{voice} is not upstream's joe-medium"
     tts_cmd = [sys.executable, "-m", "piper.http_server", "-m", str(voice), "--host", "127.0.0.1",
@@ -88,5 +89,5 @@ async def test_piper_tts_through_cmd_speaks_swaps_with_a_gguf_model_and_stops(st
     await d.daemon.stop()
     start_daemon.running.remove(d)
     assert pids_alive(descendants) == []
-    gone, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=5)
+    gone, alive = psutil.wait_procs(children_of_this_test(), timeout=5)
     assert alive == []

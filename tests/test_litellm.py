@@ -165,9 +165,10 @@ class Ahead:
             reservation.close()
 
     async def ready(self) -> SimpleNamespace:
+        deadline = time.monotonic() + 90  # from now: it was started minutes ago in a whole-suite run
         async with aiohttp.ClientSession() as http:
             while True:
-                if self.process.poll() is not None or time.monotonic() - self.started > 90:
+                if self.process.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"LiteLLM did not start:\n{self.log.read_text()[-4000:]}")
                 with contextlib.suppress(aiohttp.ClientError):
                     async with http.get(f"{self.url}/health/liveliness") as response:

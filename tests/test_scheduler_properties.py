@@ -252,5 +252,5 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert set(self.answers) == set(range(1, self.ids + 1))
 
 
-SchedulerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+SchedulerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 TestScheduler = SchedulerMachine.TestCase

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
@@ -39,8 +40,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}  # fmt: skip
 
 
-__all__ = ["ApiError", "ClientGone", "HOP_BY_HOP", "NOT_FORWARDED_DOWN", "NOT_FORWARDED_UP", "error_response",
-           "parse_json", "read_body", "stream_through"]
+__all__ = ["ApiError", "ClientGone", "HOP_BY_HOP", "NOT_FORWARDED_DOWN", "NOT_FORWARDED_UP", "answer_response",
+           "error_response", "parse_json", "read_body", "stream_through", "upstream_cut"]
 
 
 DECODED_ENCODINGS = {"gzip", "deflate", "br", "zstd"}  # what aiohttp's request parser decompresses
@@ -109,6 +110,20 @@ class _HeadWithBody(web.StreamResponse):
     _send_headers_immediately = False
 
 
+def answer_response(with_body: bool, status: int, reason: str | None, headers: Iterable[tuple[str, str]],
+                    content_length: int | None, extra_headers: dict[str, str]) -> web.StreamResponse:
+    """The client's response to a model's answer (both relays): its status and headers, less hop-by-hop ones and
+    llama-server's CORS, plus ours. with_body: the head waits for the first body bytes and goes out with them."""
+    response = (_HeadWithBody if with_body else web.StreamResponse)(status=status, reason=reason)
+    for key, value in headers:
+        if key.lower() not in NOT_FORWARDED_DOWN:
+            response.headers.add(key, value)
+    if content_length is not None:
+        response.content_length = content_length
+    response.headers.update(extra_headers)
+    return response
+
+
 class ClientGone(Exception):
     """The client went away while its answer was being written; the upstream is not to blame. Carries the
     response already started, which is all a handler can still return."""
@@ -136,13 +151,8 @@ async def stream_through(request: web.Request, upstream: aiohttp.ClientResponse,
             chunk = content.read_nowait()
         except Exception:  # a broken body: the loop below meets the same error and handles it
             chunk = b""
-        response = (_HeadWithBody if chunk else web.StreamResponse)(status=upstream.status, reason=upstream.reason)
-        for key, value in upstream.headers.items():
-            if key.lower() not in NOT_FORWARDED_DOWN:
-                response.headers.add(key, value)
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
-        response.headers.update(extra_headers)
+        response = answer_response(bool(chunk), upstream.status, upstream.reason, upstream.headers.items(),
+                                   upstream.content_length, extra_headers)
         try:
             await response.prepare(request)
         except (ConnectionError, aiohttp.ClientConnectionError) as exc:
@@ -158,7 +168,7 @@ async def stream_through(request: web.Request, upstream: aiohttp.ClientResponse,
             try:
                 chunk = await content.readany()  # whatever has arrived, as one chunk; b"" at the end
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                await _upstream_cut(request, response, upstream, label, exc)
+                await upstream_cut(request, response, upstream.headers.get("Content-Type", ""), label, exc)
                 return response
             if not chunk:
                 break
@@ -169,10 +179,11 @@ async def stream_through(request: web.Request, upstream: aiohttp.ClientResponse,
         return response
 
 
-async def _upstream_cut(request: web.Request, response: web.StreamResponse, upstream: aiohttp.ClientResponse,
-                        label: str, exc: Exception) -> None:
+async def upstream_cut(request: web.Request, response: web.StreamResponse, content_type: str, label: str,
+                       exc: BaseException) -> None:
+    """The model's answer broke off after its head went to the client (both relays)."""
     log.warning("upstream_cut", upstream=label, error=str(exc))
-    if "text/event-stream" in upstream.headers.get("Content-Type", "") and response.content_length is None:
+    if "text/event-stream" in content_type and response.content_length is None:
         event = {"error": {"message": f"{label} stopped mid-answer: {exc}", "type": "server_error",
                            "code": "upstream_failed"}}  # fmt: skip
         try:

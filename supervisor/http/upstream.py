@@ -14,20 +14,16 @@ WebSockets, an https `proxy` of a `cmd` model, the cloud) keeps using aiohttp's 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import httptools
-import structlog
 import yarl
 from aiohttp import web
 
 from ..records import ResponseTail
-from .errors import NOT_FORWARDED_DOWN, ClientGone, _HeadWithBody
-
-log = structlog.get_logger("supervisor.proxy")
+from .errors import ClientGone, answer_response, upstream_cut
 
 CONNECT_TIMEOUT_S = 10.0
 # llama-server closes a connection idle for 5 s; one idle this long is not used again (it might be closing).
@@ -303,17 +299,10 @@ async def relay(request: web.Request, answer: Answer, extra_headers: dict[str, s
     first = b"".join(answer.buffered)
     answer.buffered = []
     # A whole short answer (the usual case: it came in the same read as its head) goes out in one write.
-    response = (_HeadWithBody if first or complete else web.StreamResponse)(status=answer.status,
-                                                                           reason=answer.reason or None)
-    for name, value in answer.headers:
-        key = name.decode("latin-1")
-        if key.lower() not in NOT_FORWARDED_DOWN:
-            response.headers.add(key, value.decode("utf-8", "replace"))  # UTF-8 as sent; invalid bytes cannot crash
-    if complete:
-        response.content_length = len(first)
-    elif length is not None:
-        response.content_length = int(length)
-    response.headers.update(extra_headers)
+    # UTF-8 as sent; invalid bytes cannot crash the head's encoding.
+    headers = ((name.decode("latin-1"), value.decode("utf-8", "replace")) for name, value in answer.headers)
+    response = answer_response(bool(first) or complete, answer.status, answer.reason or None, headers,
+                               len(first) if complete else None if length is None else int(length), extra_headers)
     if tail is not None and first:
         tail.add(first, time.monotonic())
     try:
@@ -362,7 +351,8 @@ async def relay(request: web.Request, answer: Answer, extra_headers: dict[str, s
             break
         error = answer.finished.exception()
         if error is not None:
-            await _cut(request, response, answer, label, error)
+            await upstream_cut(request, response, (answer.header(b"content-type") or b"").decode("latin-1"), label,
+                               error)
             return response
         try:
             await response.write_eof()
@@ -373,20 +363,3 @@ async def relay(request: web.Request, answer: Answer, extra_headers: dict[str, s
         answer.sink = None
         if not answer.finished.done():
             answer.close()  # cancelled (the client left) or gone: the connection is mid-answer
-
-
-async def _cut(request: web.Request, response: web.StreamResponse, answer: Answer, label: str,
-               exc: BaseException) -> None:
-    log.warning("upstream_cut", upstream=label, error=str(exc))
-    content_type = (answer.header(b"content-type") or b"").decode("latin-1")
-    if "text/event-stream" in content_type and response.content_length is None:
-        event = {"error": {"message": f"{label} stopped mid-answer: {exc}", "type": "server_error",
-                           "code": "upstream_failed"}}  # fmt: skip
-        try:
-            await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-            await response.write_eof()
-            return
-        except (ConnectionError, OSError):
-            pass
-    if request.transport is not None:  # a body with a declared length: the only honest end is closing
-        request.transport.close()

@@ -189,11 +189,9 @@ class SchedulerCore:
             times += [s.ready_since + scheduler.min_residency_s for s in self.models.values()
                       if s.phase is Phase.READY and s.name in self.doomed]
         for waiter in self.waiters.values():  # when a load will clearly outlast a request's wait
-            state = self.models.get(waiter.model)
-            if waiter.kind == "request" and not waiter.detached and state is not None \
-                    and state.phase is Phase.LOADING and state.last_load_s is not None and state.load_started is not None:
-                times.append((EARLY_ANSWER_FACTOR * waiter.deadline - state.last_load_s - state.load_started)
-                             / (EARLY_ANSWER_FACTOR - 1) + 1e-6)
+            at = self._early_answer_at(waiter)
+            if at is not None:
+                times.append(at + 1e-6)  # strictly after: the answer is due once the time has passed
         wanted = {w.model for w in self.waiters.values()}
         homes = home_models(self)
         for state in self.models.values():
@@ -381,16 +379,20 @@ class SchedulerCore:
         state = self.models.get(model)
         return state if state is not None and state.instance == instance else None
 
+    def _early_answer_at(self, waiter: Waiter) -> float | None:
+        """From when its model's load, going by how long the last one took, clearly outlasts what is left of this
+        request's wait (waiting it out would only delay the 503 and a router's fallback); None: not a request
+        waiting for a load whose length is known. The time t where load_left(t) = FACTOR × wait_left(t)."""
+        state = self.models.get(waiter.model)
+        if waiter.kind != "request" or waiter.detached or state is None or state.phase is not Phase.LOADING \
+                or state.last_load_s is None or state.load_started is None:
+            return None
+        factor = EARLY_ANSWER_FACTOR
+        return (factor * waiter.deadline - state.last_load_s - state.load_started) / (factor - 1)
+
     def _loads_past_deadline(self, waiter: Waiter, now: float) -> bool:
-        """Will its model's load, going by how long the last one took, clearly outlast what is left of this
-        request's wait? Then waiting it out only delays the 503 (and a router's fallback)."""
-        if waiter.kind != "request" or waiter.detached:
-            return False
-        state = self.models[waiter.model]
-        if state.phase is not Phase.LOADING or state.last_load_s is None or state.load_started is None:
-            return False
-        load_left = state.last_load_s - (now - state.load_started)
-        return load_left > (waiter.deadline - now) * EARLY_ANSWER_FACTOR
+        at = self._early_answer_at(waiter)
+        return at is not None and now > at
 
     def _timed_out(self, waiter: Waiter, now: float, early: bool = False) -> list[Action]:
         if waiter.kind == "lease":
