@@ -411,3 +411,22 @@ async def test_a_pooled_connection_the_upstream_closed_is_retried_on_a_fresh_one
         finally:
             await runner.cleanup()
             upstream.close()
+
+
+async def test_a_request_whose_wait_the_swap_will_clearly_outlast_is_answered_at_once_and_the_swap_goes_on(
+        start_daemon, tiny_models):
+    d = await start_daemon(swap_pair(tiny_models), SWAP_GROUP)
+    for model in ("b", "a"):  # b's load is timed once; a is loaded and idle
+        assert (await d.chat(model))[0] == 200
+    last_load_ms = d.runtime.core.models["b"].last_load_s * 1000
+    wait_ms = max(1, int(last_load_ms / 4))  # the swap takes ~4x the wait: not worth waiting out
+    body = {"model": "b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    async with d.http.post(f"{d.url}/v1/chat/completions", json=body,
+                           headers={"X-Max-Wait-Ms": str(wait_ms)}) as response:
+        answer = await response.json()
+        assert response.status == 503 and answer["error"]["code"] == "queue_timeout", answer
+        assert "going by its last load" in answer["error"]["message"]  # answered early, not at the deadline
+        assert int(response.headers["Retry-After"]) >= 1
+    await d.wait_until(lambda: d.state("b") == "ready")  # the swap it started went on
+    assert (await d.chat("b"))[0] == 200
+    assert len(d.timeline.of("starting", "b")) == 2
